@@ -1,0 +1,3 @@
+from accord_operator.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,47 @@
+"""The operator's one Prometheus registry and its metrics, served with /healthz."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Info, generate_latest
+
+from accord_operator import __version__
+
+REGISTRY = CollectorRegistry()
+
+BUILD = Info("accord_operator_build", "Version of the running operator.", registry=REGISTRY)
+BUILD.info({"version": __version__})
+
+RECONCILES = Counter(
+    "accord_reconciles_total",
+    "Reconciliations handled, by kind and outcome.",
+    ["kind", "outcome"],
+    registry=REGISTRY,
+)
+PHASE_TRANSITIONS = Counter(
+    "accord_phase_transitions_total",
+    "Phase changes written to status, by kind and the phase entered.",
+    ["kind", "phase"],
+    registry=REGISTRY,
+)
+
+
+async def _metrics(_: web.Request) -> web.Response:
+    return web.Response(
+        body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
+
+
+async def _healthz(_: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "version": __version__})
+
+
+async def serve(host: str, port: int) -> web.AppRunner:
+    """Start /metrics and /healthz; the caller cleans the runner up on shutdown."""
+    app = web.Application()
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/healthz", _healthz)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner

@@ -1,0 +1,1 @@
+"""CQRSProjection: read models kept up to date from an event stream."""

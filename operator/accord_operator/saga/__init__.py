@@ -1,0 +1,1 @@
+"""SagaWorkflow: ordered steps with compensation (state machine + kopf shell)."""

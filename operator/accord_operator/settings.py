@@ -1,0 +1,48 @@
+"""Operator settings, read once from the environment (ACCORD_*). The one settings object."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not an integer") from None
+    if not 0 <= value <= 65535:
+        raise ValueError(f"{name}={raw!r} is not a port number (0-65535)")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    namespaces: tuple[str, ...] = ()  # empty: every namespace
+    metrics_port: int = 8080
+    metrics_host: str = "0.0.0.0"
+    nats_url: str = "nats://127.0.0.1:4222"
+    sidecar_image: str = "accord/sidecar:0.1.0"
+    webhook_port: int = 9443
+    webhook_cert_dir: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        namespaces = tuple(
+            ns.strip() for ns in env.get("ACCORD_NAMESPACES", "").split(",") if ns.strip()
+        )
+        return cls(
+            namespaces=namespaces,
+            metrics_port=_int(env, "ACCORD_METRICS_PORT", 8080),
+            metrics_host=env.get("ACCORD_METRICS_HOST", "0.0.0.0"),
+            nats_url=env.get("ACCORD_NATS_URL", "nats://127.0.0.1:4222"),
+            sidecar_image=env.get("ACCORD_SIDECAR_IMAGE", "accord/sidecar:0.1.0"),
+            webhook_port=_int(env, "ACCORD_WEBHOOK_PORT", 9443),
+            webhook_cert_dir=env.get("ACCORD_WEBHOOK_CERT_DIR", ""),
+        )

@@ -1,0 +1,1 @@
+"""TwoPhaseTransaction: two-phase commit coordinated through .status."""

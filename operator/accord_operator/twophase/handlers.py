@@ -1,0 +1,16 @@
+"""The kopf shell for TWO_PHASE: decorators that call into the domain functions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kopf
+
+from accord_operator.accept import accept
+from accord_operator.resources import GROUP, TWO_PHASE, VERSION
+
+
+@kopf.on.create(GROUP, VERSION, TWO_PHASE.plural, id="tpc-accept")
+@kopf.on.update(GROUP, VERSION, TWO_PHASE.plural, field="spec", id="tpc-observe")
+async def tpc_accept(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    accept(TWO_PHASE, body, patch)
