@@ -19,7 +19,15 @@ def now() -> str:
 def accept(kind: Kind, body: kopf.Body, patch: kopf.Patch) -> None:
     """Record observedGeneration and, for a new resource, phase Pending with a Ready condition."""
     status: dict[str, Any] = dict(body.get("status") or {})
-    update = accepted_status(status, int(body.metadata["generation"]), now(), kind=kind.kind)
+    spec = body.get("spec") or {}
+    items = spec.get("steps", spec.get("participants"))
+    update = accepted_status(
+        status,
+        int(body.metadata["generation"]),
+        now(),
+        kind=kind.kind,
+        total=len(items) if isinstance(items, list) else None,
+    )
     patch.status.update(update)
     if "phase" in update:
         PHASE_TRANSITIONS.labels(kind.kind, update["phase"]).inc()

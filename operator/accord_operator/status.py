@@ -9,7 +9,7 @@ from accord_operator.conditions import Condition, set_condition
 
 
 def accepted_status(
-    status: Mapping[str, Any], generation: int, now: str, *, kind: str
+    status: Mapping[str, Any], generation: int, now: str, *, kind: str, total: int | None = None
 ) -> dict[str, Any]:
     """The status patch for a resource the operator has seen but not started working on.
 
@@ -20,6 +20,8 @@ def accepted_status(
     patch: dict[str, Any] = {"observedGeneration": generation}
     if not status.get("phase"):
         patch["phase"] = "Pending"
+        if total is not None:
+            patch["progress"] = f"0/{total}"
         conditions = set_condition(
             conditions,
             type="Ready",

@@ -85,6 +85,11 @@ def test_operator_accepts_each_kind(
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "False" and ready["reason"] == "Pending"
     assert ready["observedGeneration"] == 1
+    if kind in ("saga", "tpc"):
+        assert (
+            status["progress"]
+            == f"0/{len(obj['spec'].get('steps') or obj['spec']['participants'])}"
+        )
 
     events = json.loads(
         cluster.kubectl(

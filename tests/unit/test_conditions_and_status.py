@@ -85,3 +85,8 @@ def test_restart_never_rewinds_a_phase() -> None:
     assert patch["observedGeneration"] == 2
     assert patch["conditions"][0]["lastTransitionTime"] == "t0"
     assert patch["conditions"][0]["observedGeneration"] == 2
+
+
+def test_progress_starts_at_zero_of_total() -> None:
+    assert accepted_status({}, 1, "t", kind="SagaWorkflow", total=3)["progress"] == "0/3"
+    assert "progress" not in accepted_status({}, 1, "t", kind="CQRSProjection")

@@ -38,10 +38,12 @@ def free_port() -> int:
 
 
 def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: if the test runner is SIGKILLed, the
-    # kernel sends SIGTERM to the control plane instead of leaving it orphaned.
+    # Runs in the child between fork and exec: if the test runner dies without stopping
+    # us, the kernel kills the control plane instead of leaving it orphaned. SIGKILL, not
+    # SIGTERM: a throwaway cluster has nothing to flush, and kube-apiserver's graceful
+    # shutdown can outlive the test run.
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -306,11 +308,14 @@ class ControlPlane:
     def kubectl(
         self, *args: str, input: str | None = None, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
+        """Run kubectl against this cluster; with check, a failure raises with its stderr."""
+        result = subprocess.run(
             [str(self.binaries.kubectl), f"--kubeconfig={self.kubeconfig}", *args],
             input=input,
             capture_output=True,
             text=True,
-            check=check,
             timeout=120,
         )
+        if check and result.returncode != 0:
+            raise RuntimeError(f"kubectl {' '.join(args)} failed:\n{result.stderr}")
+        return result
