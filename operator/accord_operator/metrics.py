@@ -45,3 +45,17 @@ async def serve(host: str, port: int) -> web.AppRunner:
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     return runner
+
+
+INJECTIONS = Counter(
+    "accord_injections_total",
+    "Pod admissions seen by the injector, by result (injected, skipped, refused).",
+    ["result"],
+    registry=REGISTRY,
+)
+INJECTION_MISSES = Counter(
+    "accord_injection_misses_total",
+    "Pods that asked for the sidecar but were created without it (webhook unreachable).",
+    ["namespace"],
+    registry=REGISTRY,
+)

@@ -1,19 +1,33 @@
-"""Running the operator: kopf settings, the metrics server, and the main coroutine."""
+"""Running the operator: kopf settings, run modes, the webhook server and metrics."""
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import kopf
 from aiohttp import web
 
-from accord_operator import metrics
+from accord_operator import __version__, kube, metrics
+from accord_operator.injector import handlers as injector_handlers
+from accord_operator.injector.patch import Injector, supports_native_sidecars
+from accord_operator.projection import handlers as projection_handlers
 from accord_operator.resources import GROUP
+from accord_operator.saga import handlers as saga_handlers
 from accord_operator.settings import Settings
+from accord_operator.twophase import handlers as twophase_handlers
 
 logger = logging.getLogger("accord.operator")
+
+
+class Mode(enum.Enum):
+    ALL = "all"
+    CONTROLLER = "controller"  # reconcilers only: run exactly one
+    WEBHOOK = "webhook"  # admission only: run as many replicas as you like
 
 
 def configure(kopf_settings: kopf.OperatorSettings) -> None:
@@ -29,24 +43,77 @@ def configure(kopf_settings: kopf.OperatorSettings) -> None:
     kopf_settings.networking.request_timeout = 60
 
 
-def register_handlers() -> None:
-    """Import the handler modules; importing registers them with kopf's default registry."""
-    from accord_operator.projection import handlers as _projection  # noqa: F401
-    from accord_operator.saga import handlers as _saga  # noqa: F401
-    from accord_operator.twophase import handlers as _twophase  # noqa: F401
+def registry_for(mode: Mode) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+    if mode in (Mode.ALL, Mode.CONTROLLER):
+        saga_handlers.register(registry)
+        twophase_handlers.register(registry)
+        projection_handlers.register(registry)
+        injector_handlers.register_controllers(registry)
+    if mode in (Mode.ALL, Mode.WEBHOOK):
+        injector_handlers.register_webhooks(registry)
+    return registry
 
 
-async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
-    register_handlers()
+def webhook_server(settings: Settings) -> kopf.WebhookServer:
+    cert_dir = Path(settings.webhook_cert_dir) if settings.webhook_cert_dir else None
+    if cert_dir is None:
+        # No certificates given (a local run): make a self-signed pair. In a cluster the
+        # chart mounts them (cert-manager or Helm-generated) into ACCORD_WEBHOOK_CERT_DIR.
+        from accord_operator.envtest.certs import CertificateAuthority
 
-    @kopf.on.startup()
+        cert_dir = Path(tempfile.mkdtemp(prefix="accord-webhook-"))
+        ca = CertificateAuthority("accord-webhook-ca")
+        (cert_dir / "ca.crt").write_bytes(ca.cert_pem)
+        pair = ca.issue("accord-webhook", hosts=("127.0.0.1", "localhost"), server=True)
+        pair.write(cert_dir, "tls")
+        logger.info("webhook: self-signed certificate, CA in %s", cert_dir / "ca.crt")
+    return kopf.WebhookServer(
+        addr="0.0.0.0",
+        port=settings.webhook_port,
+        certfile=str(cert_dir / "tls.crt"),
+        pkeyfile=str(cert_dir / "tls.key"),
+    )
+
+
+async def make_injector(settings: Settings) -> Injector:
+    if settings.native_sidecars == "auto":
+        version = await asyncio.to_thread(kube.server_version)
+        native = supports_native_sidecars(version)
+        logger.info("cluster %s: native sidecars %s", version, "on" if native else "off")
+    else:
+        native = settings.native_sidecars == "true"
+    return Injector(
+        image=settings.sidecar_image,
+        version=__version__,
+        nats_url=settings.nats_url,
+        native_by_default=native,
+        operator_namespace=settings.operator_namespace,
+    )
+
+
+async def run(settings: Settings, mode: Mode = Mode.ALL, stop: asyncio.Event | None = None) -> None:
+    registry = registry_for(mode)
+
+    @kopf.on.startup(registry=registry)
     def _configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         configure(settings)
+        if mode in (Mode.ALL, Mode.WEBHOOK):
+            settings.admission.server = server
 
+    server = webhook_server(settings) if mode in (Mode.ALL, Mode.WEBHOOK) else None
+    memo = kopf.Memo(injector=await make_injector(settings))
     runner: web.AppRunner = await metrics.serve(settings.metrics_host, settings.metrics_port)
-    logger.info("metrics and /healthz on %s:%d", settings.metrics_host, settings.metrics_port)
+    logger.info(
+        "mode %s; metrics and /healthz on %s:%d",
+        mode.value,
+        settings.metrics_host,
+        settings.metrics_port,
+    )
     try:
         await kopf.operator(
+            registry=registry,
+            memo=memo,
             standalone=True,
             clusterwide=not settings.namespaces,
             namespaces=list(settings.namespaces),

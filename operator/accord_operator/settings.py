@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
@@ -20,6 +20,13 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
     return value
 
 
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    raw = env.get(name, choices[0]).strip().lower() or choices[0]
+    if raw not in choices:
+        raise ValueError(f"{name}={raw!r} is not one of {', '.join(choices)}")
+    return raw
+
+
 @dataclass(frozen=True)
 class Settings:
     namespaces: tuple[str, ...] = ()  # empty: every namespace
@@ -28,8 +35,9 @@ class Settings:
     nats_url: str = "nats://127.0.0.1:4222"
     sidecar_image: str = "accord/sidecar:0.1.0"
     webhook_port: int = 9443
-    webhook_cert_dir: str = ""
-    extra: dict[str, str] = field(default_factory=dict)
+    webhook_cert_dir: str = ""  # holds tls.crt and tls.key; empty: a self-signed pair
+    operator_namespace: str = ""  # never injected
+    native_sidecars: str = "auto"  # auto (from the cluster version), true or false
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -45,4 +53,6 @@ class Settings:
             sidecar_image=env.get("ACCORD_SIDECAR_IMAGE", "accord/sidecar:0.1.0"),
             webhook_port=_int(env, "ACCORD_WEBHOOK_PORT", 9443),
             webhook_cert_dir=env.get("ACCORD_WEBHOOK_CERT_DIR", ""),
+            operator_namespace=env.get("ACCORD_OPERATOR_NAMESPACE", env.get("POD_NAMESPACE", "")),
+            native_sidecars=_choice(env, "ACCORD_NATIVE_SIDECARS", ("auto", "true", "false")),
         )

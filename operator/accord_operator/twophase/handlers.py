@@ -10,7 +10,10 @@ from accord_operator.accept import accept
 from accord_operator.resources import GROUP, TWO_PHASE, VERSION
 
 
-@kopf.on.create(GROUP, VERSION, TWO_PHASE.plural, id="tpc-accept")
-@kopf.on.update(GROUP, VERSION, TWO_PHASE.plural, field="spec", id="tpc-observe")
-async def tpc_accept(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    accept(TWO_PHASE, body, patch)
+def register(registry: kopf.OperatorRegistry) -> None:
+    @kopf.on.create(GROUP, VERSION, TWO_PHASE.plural, id="tpc-accept", registry=registry)
+    @kopf.on.update(
+        GROUP, VERSION, TWO_PHASE.plural, field="spec", id="tpc-observe", registry=registry
+    )
+    async def tpc_accept(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+        accept(TWO_PHASE, body, patch)

@@ -1,0 +1,1 @@
+"""Sidecar injection: which pods get the Accord sidecar, and the JSON patch that adds it."""

@@ -1,0 +1,173 @@
+"""Turn a pod's accord.dev/* annotations into the sidecar's configuration (pure, no I/O).
+
+Every value is checked here: a pod that asked for injection with a bad annotation is
+refused naming the annotation, rather than getting a sidecar that crash-loops.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Final
+
+PREFIX: Final = "accord.dev/"
+INJECT: Final = PREFIX + "inject"
+STATUS: Final = PREFIX + "sidecar-status"
+NATIVE: Final = PREFIX + "native-sidecar"
+NAMESPACE_LABEL: Final = PREFIX + "injection"
+SIDECAR_NAME: Final = "accord-sidecar"
+
+_LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+_QUANTITY = re.compile(r"^([0-9]+(\.[0-9]+)?)(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")
+_TOPIC = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+_RESOURCE_ANNOTATIONS: Final = {
+    "sidecar-cpu-request": ("requests", "cpu"),
+    "sidecar-memory-request": ("requests", "memory"),
+    "sidecar-cpu-limit": ("limits", "cpu"),
+    "sidecar-memory-limit": ("limits", "memory"),
+}
+# Annotations read here; anything else under accord.dev/ is left alone (forward compatible).
+KNOWN: Final = frozenset(
+    {
+        "inject",
+        "sidecar-status",
+        "native-sidecar",
+        "app-port",
+        "subscribe",
+        "log-level",
+        "retry-max-attempts",
+        "retry-initial-ms",
+        "retry-max-ms",
+        "timeout-ms",
+        "http-port",
+        "inbound-port",
+        "admin-port",
+        *_RESOURCE_ANNOTATIONS,
+    }
+)
+
+
+class AnnotationError(ValueError):
+    """A bad accord.dev/* annotation; the message names it."""
+
+
+@dataclass(frozen=True)
+class Ports:
+    http: int = 3500  # app-facing API, loopback only
+    inbound: int = 3501  # participant traffic from the operator and other services
+    admin: int = 9090  # /metrics, /healthz, /readyz
+
+
+@dataclass(frozen=True)
+class SidecarConfig:
+    ports: Ports = Ports()
+    app_port: int | None = None
+    subscribe: tuple[str, ...] = ()
+    log_level: str = "info"
+    retry_max_attempts: int | None = None
+    retry_initial_ms: int | None = None
+    retry_max_ms: int | None = None
+    timeout_ms: int | None = None
+    native: bool | None = None  # None: decided from the cluster version
+    resources: dict[str, dict[str, str]] = field(
+        default_factory=lambda: {
+            "requests": {"cpu": "50m", "memory": "64Mi"},
+            "limits": {"memory": "256Mi"},
+        }
+    )
+
+
+def _int(annotations: Mapping[str, str], key: str, lo: int, hi: int) -> int | None:
+    raw = annotations.get(PREFIX + key)
+    if raw is None:
+        return None
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise AnnotationError(f"{PREFIX}{key}: {raw!r} is not an integer") from None
+    if not lo <= value <= hi:
+        raise AnnotationError(f"{PREFIX}{key}: {value} is out of range ({lo} to {hi})")
+    return value
+
+
+def _bool(annotations: Mapping[str, str], key: str) -> bool | None:
+    raw = annotations.get(PREFIX + key)
+    if raw is None:
+        return None
+    if raw.strip().lower() in ("true", "false"):
+        return raw.strip().lower() == "true"
+    raise AnnotationError(f'{PREFIX}{key}: {raw!r} must be "true" or "false"')
+
+
+def parse(annotations: Mapping[str, str]) -> SidecarConfig:
+    """The sidecar configuration a pod asks for; AnnotationError names a bad annotation."""
+    ports = Ports(
+        http=_int(annotations, "http-port", 1, 65535) or Ports.http,
+        inbound=_int(annotations, "inbound-port", 1, 65535) or Ports.inbound,
+        admin=_int(annotations, "admin-port", 1, 65535) or Ports.admin,
+    )
+    if len({ports.http, ports.inbound, ports.admin}) != 3:
+        raise AnnotationError(f"{PREFIX}http-port, inbound-port and admin-port must differ")
+    app_port = _int(annotations, "app-port", 1, 65535)
+    if app_port is not None and app_port in (ports.http, ports.inbound, ports.admin):
+        raise AnnotationError(f"{PREFIX}app-port: {app_port} is taken by the sidecar")
+
+    subscribe: tuple[str, ...] = ()
+    raw_subscribe = annotations.get(PREFIX + "subscribe")
+    if raw_subscribe is not None:
+        topics = tuple(t.strip() for t in raw_subscribe.split(",") if t.strip())
+        bad = [t for t in topics if not _TOPIC.match(t)]
+        if bad or not topics:
+            raise AnnotationError(
+                f"{PREFIX}subscribe: {', '.join(bad) or repr(raw_subscribe)} is not a topic list "
+                "(comma-separated, letters, digits, '_' and '-' in '.'-separated tokens)"
+            )
+        subscribe = topics
+        if app_port is None:
+            raise AnnotationError(f"{PREFIX}subscribe needs {PREFIX}app-port to deliver events to")
+
+    log_level = annotations.get(PREFIX + "log-level", "info").strip().lower()
+    if log_level not in _LOG_LEVELS:
+        raise AnnotationError(
+            f"{PREFIX}log-level: {log_level!r} is not one of {', '.join(_LOG_LEVELS)}"
+        )
+
+    resources: dict[str, dict[str, str]] = {
+        "requests": {"cpu": "50m", "memory": "64Mi"},
+        "limits": {"memory": "256Mi"},
+    }
+    for key, (section, resource) in _RESOURCE_ANNOTATIONS.items():
+        raw = annotations.get(PREFIX + key)
+        if raw is not None:
+            if not _QUANTITY.match(raw.strip()):
+                raise AnnotationError(f"{PREFIX}{key}: {raw!r} is not a resource quantity")
+            resources[section][resource] = raw.strip()
+
+    retry_initial = _int(annotations, "retry-initial-ms", 0, 3_600_000)
+    retry_max = _int(annotations, "retry-max-ms", 0, 3_600_000)
+    if retry_initial is not None and retry_max is not None and retry_max < retry_initial:
+        raise AnnotationError(f"{PREFIX}retry-max-ms must be at least {PREFIX}retry-initial-ms")
+
+    return SidecarConfig(
+        ports=ports,
+        app_port=app_port,
+        subscribe=subscribe,
+        log_level=log_level,
+        retry_max_attempts=_int(annotations, "retry-max-attempts", 1, 100),
+        retry_initial_ms=retry_initial,
+        retry_max_ms=retry_max,
+        timeout_ms=_int(annotations, "timeout-ms", 1, 3_600_000),
+        native=_bool(annotations, "native-sidecar"),
+        resources=resources,
+    )
+
+
+def status_annotation(version: str, image: str, native: bool) -> str:
+    """What accord.dev/sidecar-status records: what was injected, by which version."""
+    return json.dumps(
+        {"version": version, "image": image, "containers": [SIDECAR_NAME], "native": native},
+        separators=(",", ":"),
+        sort_keys=True,
+    )

@@ -1,0 +1,238 @@
+"""Pod in, JSON patch out: whether to inject the sidecar, and the patch that does it (pure)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from accord_operator.injector.config import (
+    INJECT,
+    SIDECAR_NAME,
+    STATUS,
+    AnnotationError,
+    SidecarConfig,
+    parse,
+    status_annotation,
+)
+
+JsonPatch = list[dict[str, Any]]
+Pod = Mapping[str, Any]
+
+NEVER_INJECTED: Final = frozenset({"kube-system", "kube-public", "kube-node-lease"})
+VOLUME: Final = "accord-sidecar-data"
+DATA_DIR: Final = "/var/run/accord"
+
+
+@dataclass(frozen=True)
+class Injector:
+    """What the operator's settings contribute to every injection."""
+
+    image: str
+    version: str
+    nats_url: str
+    native_by_default: bool  # from the cluster version: native sidecars need >= 1.29
+    operator_namespace: str = ""
+
+
+@dataclass(frozen=True)
+class Decision:
+    inject: bool
+    reason: str
+
+
+def has_sidecar(pod: Pod) -> bool:
+    spec = pod.get("spec") or {}
+    return any(
+        c.get("name") == SIDECAR_NAME
+        for c in [*(spec.get("containers") or []), *(spec.get("initContainers") or [])]
+    )
+
+
+def decide(
+    pod: Pod, *, namespace: str, namespace_enabled: bool, operator_namespace: str = ""
+) -> Decision:
+    """Whether this pod gets the sidecar. AnnotationError if accord.dev/inject is malformed."""
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    asked = annotations.get(INJECT)
+    if asked is not None and asked.strip().lower() not in ("true", "false"):
+        raise AnnotationError(f'{INJECT}: {asked!r} must be "true" or "false"')
+    if has_sidecar(pod):
+        return Decision(False, "already has the sidecar")
+    if namespace in NEVER_INJECTED or (operator_namespace and namespace == operator_namespace):
+        return Decision(False, f"namespace {namespace} is never injected")
+    if (pod.get("spec") or {}).get("hostNetwork"):
+        return Decision(False, "hostNetwork pods are never injected")
+    if asked is not None and asked.strip().lower() == "false":
+        return Decision(False, f"opted out with {INJECT}=false")
+    if asked is not None:
+        return Decision(True, f"{INJECT}=true")
+    if namespace_enabled:
+        return Decision(True, f"namespace {namespace} has accord.dev/injection=enabled")
+    return Decision(False, "injection not asked for")
+
+
+def _escape(key: str) -> str:
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+def sidecar_container(injector: Injector, config: SidecarConfig, *, native: bool) -> dict[str, Any]:
+    ports = config.ports
+    env: list[dict[str, Any]] = [
+        {"name": "ACCORD_HTTP_PORT", "value": str(ports.http)},
+        {"name": "ACCORD_INBOUND_PORT", "value": str(ports.inbound)},
+        {"name": "ACCORD_ADMIN_PORT", "value": str(ports.admin)},
+        {"name": "ACCORD_NATS_URL", "value": injector.nats_url},
+        {"name": "ACCORD_LOG_LEVEL", "value": config.log_level},
+        {"name": "ACCORD_DATA_DIR", "value": DATA_DIR},
+        {"name": "ACCORD_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {
+            "name": "ACCORD_POD_NAMESPACE",
+            "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+        },
+    ]
+    optional = {
+        "ACCORD_APP_PORT": config.app_port,
+        "ACCORD_SUBSCRIBE": ",".join(config.subscribe) or None,
+        "ACCORD_RETRY_MAX_ATTEMPTS": config.retry_max_attempts,
+        "ACCORD_RETRY_INITIAL_MS": config.retry_initial_ms,
+        "ACCORD_RETRY_MAX_MS": config.retry_max_ms,
+        "ACCORD_TIMEOUT_MS": config.timeout_ms,
+    }
+    env += [{"name": k, "value": str(v)} for k, v in optional.items() if v is not None]
+
+    def probe(path: str, period: int, failures: int) -> dict[str, Any]:
+        return {
+            "httpGet": {"path": path, "port": ports.admin},
+            "periodSeconds": period,
+            "failureThreshold": failures,
+            "timeoutSeconds": 2,
+        }
+
+    container: dict[str, Any] = {
+        "name": SIDECAR_NAME,
+        "image": injector.image,
+        "imagePullPolicy": "IfNotPresent",
+        "env": env,
+        "ports": [
+            {"name": "accord-inbound", "containerPort": ports.inbound, "protocol": "TCP"},
+            {"name": "accord-metrics", "containerPort": ports.admin, "protocol": "TCP"},
+        ],
+        "resources": {k: dict(v) for k, v in config.resources.items()},
+        # Meets the `restricted` Pod Security Standard on its own.
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 65532,
+            "runAsGroup": 65532,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "livenessProbe": probe("/healthz", 10, 3),
+        "readinessProbe": probe("/readyz", 5, 3),
+        "volumeMounts": [{"name": VOLUME, "mountPath": DATA_DIR}],
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if native:
+        # A native sidecar: the kubelet starts app containers only once the startup probe
+        # passes, and it does not keep a Job's pod from completing.
+        container["restartPolicy"] = "Always"
+        container["startupProbe"] = probe("/readyz", 1, 120)
+    return container
+
+
+def _app_env(config: SidecarConfig) -> list[dict[str, Any]]:
+    return [
+        {"name": "ACCORD_HTTP_PORT", "value": str(config.ports.http)},
+        {"name": "ACCORD_SIDECAR_URL", "value": f"http://127.0.0.1:{config.ports.http}"},
+    ]
+
+
+def _check_port_conflicts(pod: Pod, config: SidecarConfig) -> None:
+    taken = {
+        config.ports.http: "http-port",
+        config.ports.inbound: "inbound-port",
+        config.ports.admin: "admin-port",
+    }
+    spec = pod.get("spec") or {}
+    for c in [*(spec.get("containers") or []), *(spec.get("initContainers") or [])]:
+        for p in c.get("ports") or []:
+            port = p.get("containerPort")
+            if port in taken:
+                raise AnnotationError(
+                    f"container {c.get('name')!r} uses port {port}, which the sidecar needs; "
+                    f"move the sidecar with accord.dev/{taken[port]}"
+                )
+
+
+def build_patch(pod: Pod, injector: Injector) -> JsonPatch:
+    """The JSON patch that injects the sidecar into pod. AnnotationError on bad annotations.
+
+    Valid whether containers, initContainers, volumes, annotations or env are absent or not.
+    The caller decides first; a pod that already has the sidecar gets an empty patch.
+    """
+    if has_sidecar(pod):
+        return []
+    metadata = pod.get("metadata") or {}
+    annotations = metadata.get("annotations") or {}
+    config = parse(annotations)
+    _check_port_conflicts(pod, config)
+    native = injector.native_by_default if config.native is None else config.native
+    spec = pod.get("spec") or {}
+    ops: JsonPatch = []
+
+    # App env first, at the containers' original indices (the insertion below shifts them).
+    groups = ["containers", "initContainers"] if native else ["containers"]
+    for group in groups:
+        for i, container in enumerate(spec.get(group) or []):
+            existing = {e.get("name") for e in container.get("env") or []}
+            wanted = [e for e in _app_env(config) if e["name"] not in existing]
+            if not wanted:
+                continue
+            if container.get("env") is None:
+                ops.append({"op": "add", "path": f"/spec/{group}/{i}/env", "value": wanted})
+            else:
+                ops += [
+                    {"op": "add", "path": f"/spec/{group}/{i}/env/-", "value": e} for e in wanted
+                ]
+
+    sidecar = sidecar_container(injector, config, native=native)
+    if native:
+        # First init container: it is up before any other init container or app starts.
+        if spec.get("initContainers"):
+            ops.append({"op": "add", "path": "/spec/initContainers/0", "value": sidecar})
+        else:
+            ops.append({"op": "add", "path": "/spec/initContainers", "value": [sidecar]})
+    elif spec.get("containers") is None:
+        ops.append({"op": "add", "path": "/spec/containers", "value": [sidecar]})
+    else:
+        ops.append({"op": "add", "path": "/spec/containers/-", "value": sidecar})
+
+    volume = {"name": VOLUME, "emptyDir": {"sizeLimit": "64Mi"}}
+    volumes = spec.get("volumes")
+    if volumes is None:
+        ops.append({"op": "add", "path": "/spec/volumes", "value": [volume]})
+    elif not any(v.get("name") == VOLUME for v in volumes):
+        ops.append({"op": "add", "path": "/spec/volumes/-", "value": volume})
+
+    stamp = status_annotation(injector.version, injector.image, native)
+    if metadata.get("annotations") is None:
+        if "metadata" not in pod:
+            ops.append({"op": "add", "path": "/metadata", "value": {}})
+        ops.append({"op": "add", "path": "/metadata/annotations", "value": {STATUS: stamp}})
+    else:
+        ops.append(
+            {"op": "add", "path": f"/metadata/annotations/{_escape(STATUS)}", "value": stamp}
+        )
+    return ops
+
+
+def supports_native_sidecars(git_version: str) -> bool:
+    """Native sidecars (SidecarContainers) are on by default from Kubernetes 1.29."""
+    core = git_version.lstrip("v").split("-")[0].split("+")[0]
+    try:
+        major, minor = (int(x) for x in core.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (1, 29)
