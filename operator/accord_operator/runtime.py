@@ -45,6 +45,13 @@ def configure(kopf_settings: kopf.OperatorSettings) -> None:
 
 def registry_for(mode: Mode) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
+
+    # A registry of our own has none of kopf's default login handlers: log in the way
+    # the kubernetes client does (in-cluster service account, else the kubeconfig).
+    @kopf.on.login(registry=registry)
+    def _login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        return kopf.login_via_client(**kwargs)
+
     if mode in (Mode.ALL, Mode.CONTROLLER):
         saga_handlers.register(registry)
         twophase_handlers.register(registry)

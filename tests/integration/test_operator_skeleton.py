@@ -3,66 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from accord_operator.envtest.controlplane import free_port
 from tests.support.cluster import Cluster, example
+from tests.support.operator import run_operator
 
 
 @pytest.fixture
-def operator(cluster: Cluster, namespace: str) -> Iterator[int]:
+def operator(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[int]:
     """A real `accord-operator run` process watching this test's namespace."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "accord_operator",
-            "run",
-            "-n",
-            namespace,
-            "--metrics-port",
-            str(port),
-        ],
-        env={**cluster.env(), "ACCORD_METRICS_HOST": "127.0.0.1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        _wait_http(f"http://127.0.0.1:{port}/healthz", proc)
-        yield port
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            out, _ = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
-        if os.environ.get("ACCORD_TEST_SHOW_LOGS"):
-            print(out.decode(errors="replace"))
-
-
-def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(
-                f"operator exited {proc.returncode}: {proc.stdout.read() if proc.stdout else ''!r}"
-            )
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise AssertionError(f"{url} not up after {timeout}s")
+    with run_operator(cluster, tmp_path, "-n", namespace) as op:
+        yield op.metrics_port
 
 
 @pytest.mark.parametrize(

@@ -85,7 +85,7 @@ def test_who_gets_the_sidecar(
 
 
 def test_malformed_inject_annotation_is_refused_by_name() -> None:
-    with pytest.raises(AnnotationError, match="accord.dev/inject: 'yes'"):
+    with pytest.raises(AnnotationError, match=r"accord\.dev/inject: 'yes'"):
         decide(pod({"accord.dev/inject": "yes"}), namespace="shop", namespace_enabled=False)
 
 
@@ -212,7 +212,7 @@ def test_bad_annotations_are_named(annotations: dict[str, str], named: str) -> N
 def test_port_conflict_with_an_app_container_is_named() -> None:
     p = pod()
     p["spec"]["containers"][0]["ports"] = [{"containerPort": 9090}]
-    with pytest.raises(AnnotationError, match="'app' uses port 9090.*accord.dev/admin-port"):
+    with pytest.raises(AnnotationError, match=r"'app' uses port 9090.*accord\.dev/admin-port"):
         build_patch(p, NATIVE)
     p["metadata"]["annotations"] = {"accord.dev/admin-port": "9191"}
     assert inject(p)["spec"]["initContainers"][0]["ports"][1]["containerPort"] == 9191

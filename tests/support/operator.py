@@ -1,0 +1,179 @@
+"""A real accord-operator process for tests, and the webhook wiring the chart would do."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from accord_operator.envtest.certs import CertificateAuthority
+from accord_operator.envtest.controlplane import free_port
+from tests.support.cluster import Cluster
+
+
+@dataclass
+class OperatorProcess:
+    proc: subprocess.Popen[bytes]
+    metrics_port: int
+    webhook_port: int
+    ca_pem: bytes
+    log: Path
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5
+        ) as r:
+            text: str = r.read().decode()
+            return text
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The value of one sample (0 when absent)."""
+        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        for line in self.metrics().splitlines():
+            if line.startswith("#"):
+                continue
+            head, _, value = line.rpartition(" ")
+            if head == (f"{name}{{{want}}}" if want else name):
+                return float(value)
+        return 0.0
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"operator exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError(f"{url} not up after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+@contextmanager
+def run_operator(
+    cluster: Cluster, tmp: Path, *args: str, env: dict[str, str] | None = None
+) -> Iterator[OperatorProcess]:
+    """`accord-operator run ARGS` with a certificate made here; stopped with SIGTERM."""
+    ca = CertificateAuthority("accord-test-webhook-ca")
+    certs = tmp / "webhook-certs"
+    certs.mkdir(exist_ok=True)
+    ca.issue("accord-webhook", hosts=("127.0.0.1",), server=True).write(certs, "tls")
+    metrics_port, webhook_port = free_port(), free_port()
+    log = tmp / "operator.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "accord_operator",
+                "run",
+                *args,
+                "--metrics-port",
+                str(metrics_port),
+                "--webhook-port",
+                str(webhook_port),
+            ],
+            env={
+                **cluster.env(),
+                "ACCORD_METRICS_HOST": "127.0.0.1",
+                "ACCORD_WEBHOOK_CERT_DIR": str(certs),
+                **(env or {}),
+            },
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    op = OperatorProcess(proc, metrics_port, webhook_port, ca.cert_pem, log)
+    try:
+        _wait_http(f"http://127.0.0.1:{metrics_port}/healthz", proc, log)
+        yield op
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if os.environ.get("ACCORD_TEST_SHOW_LOGS"):
+            print(log.read_text())
+
+
+def webhook_configuration(
+    name: str, namespace: str, *, port: int, ca_pem: bytes, failure_policy: str = "Fail"
+) -> dict[str, Any]:
+    """The two webhooks the chart installs, scoped to one test namespace.
+
+    Pods of a namespace labelled accord.dev/injection=enabled go to /inject-sidecar-namespace;
+    every other pod goes to /inject-sidecar, which injects only on the pod annotation.
+    """
+    import base64
+
+    def hook(hook_name: str, path: str, injection: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "name": hook_name,
+            "clientConfig": {
+                "url": f"https://127.0.0.1:{port}/{path}",
+                "caBundle": base64.b64encode(ca_pem).decode(),
+            },
+            "rules": [
+                {
+                    "operations": ["CREATE"],
+                    "apiGroups": [""],
+                    "apiVersions": ["v1"],
+                    "resources": ["pods"],
+                    "scope": "Namespaced",
+                }
+            ],
+            "namespaceSelector": {
+                "matchExpressions": [
+                    {"key": "kubernetes.io/metadata.name", "operator": "In", "values": [namespace]},
+                    injection,
+                ]
+            },
+            "failurePolicy": failure_policy,
+            "sideEffects": "None",
+            "admissionReviewVersions": ["v1"],
+            "timeoutSeconds": 5,
+            "reinvocationPolicy": "IfNeeded",
+        }
+
+    return {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": name},
+        "webhooks": [
+            hook(
+                "namespace.inject.accord.dev",
+                "inject-sidecar-namespace",
+                {"key": "accord.dev/injection", "operator": "In", "values": ["enabled"]},
+            ),
+            hook(
+                "object.inject.accord.dev",
+                "inject-sidecar",
+                {"key": "accord.dev/injection", "operator": "NotIn", "values": ["enabled"]},
+            ),
+        ],
+    }
+
+
+def create_pod(cluster: Cluster, namespace: str, pod: dict[str, Any]) -> tuple[int, str]:
+    """Create a pod, waiting out the first seconds of a namespace without its default SA."""
+    deadline = time.monotonic() + 30
+    while True:
+        result = cluster.cp.kubectl(
+            "create", "-n", namespace, "-f", "-", input=json.dumps(pod), check=False
+        )
+        if 'serviceaccount "default" not found' in result.stderr and time.monotonic() < deadline:
+            time.sleep(0.3)
+            continue
+        return result.returncode, result.stderr
