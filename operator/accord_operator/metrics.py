@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Info, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    Info,
+    generate_latest,
+)
 
 from accord_operator import __version__
 
@@ -22,6 +29,45 @@ PHASE_TRANSITIONS = Counter(
     "accord_phase_transitions_total",
     "Phase changes written to status, by kind and the phase entered.",
     ["kind", "phase"],
+    registry=REGISTRY,
+)
+
+INJECTIONS = Counter(
+    "accord_injections_total",
+    "Pod admissions seen by the injector, by result (injected, skipped, refused).",
+    ["result"],
+    registry=REGISTRY,
+)
+INJECTION_MISSES = Counter(
+    "accord_injection_misses_total",
+    "Pods that asked for the sidecar but were created without it (webhook unreachable).",
+    ["namespace"],
+    registry=REGISTRY,
+)
+ADMISSION_SECONDS = Histogram(
+    "accord_admission_duration_seconds",
+    "Time to answer one admission review, from request parsed to response built.",
+    buckets=(
+        0.00025,
+        0.0005,
+        0.00075,
+        0.001,
+        0.0015,
+        0.002,
+        0.003,
+        0.004,
+        0.005,
+        0.0075,
+        0.01,
+        0.015,
+        0.02,
+        0.03,
+        0.05,
+        0.1,
+        0.25,
+        0.5,
+        1.0,
+    ),
     registry=REGISTRY,
 )
 
@@ -45,17 +91,3 @@ async def serve(host: str, port: int) -> web.AppRunner:
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     return runner
-
-
-INJECTIONS = Counter(
-    "accord_injections_total",
-    "Pod admissions seen by the injector, by result (injected, skipped, refused).",
-    ["result"],
-    registry=REGISTRY,
-)
-INJECTION_MISSES = Counter(
-    "accord_injection_misses_total",
-    "Pods that asked for the sidecar but were created without it (webhook unreachable).",
-    ["namespace"],
-    registry=REGISTRY,
-)

@@ -6,6 +6,8 @@ import asyncio
 import enum
 import logging
 import tempfile
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,21 @@ def registry_for(mode: Mode) -> kopf.OperatorRegistry:
     return registry
 
 
+class TimedWebhookServer(kopf.WebhookServer):
+    """kopf's webhook server, timing every admission review into the metrics."""
+
+    async def __call__(self, fn: Any) -> AsyncIterator[Any]:
+        async def timed(request: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return await fn(request, **kwargs)
+            finally:
+                metrics.ADMISSION_SECONDS.observe(time.perf_counter() - started)
+
+        async for client_config in super().__call__(timed):
+            yield client_config
+
+
 def webhook_server(settings: Settings) -> kopf.WebhookServer:
     cert_dir = Path(settings.webhook_cert_dir) if settings.webhook_cert_dir else None
     if cert_dir is None:
@@ -75,7 +92,7 @@ def webhook_server(settings: Settings) -> kopf.WebhookServer:
         pair = ca.issue("accord-webhook", hosts=("127.0.0.1", "localhost"), server=True)
         pair.write(cert_dir, "tls")
         logger.info("webhook: self-signed certificate, CA in %s", cert_dir / "ca.crt")
-    return kopf.WebhookServer(
+    return TimedWebhookServer(
         addr="0.0.0.0",
         port=settings.webhook_port,
         certfile=str(cert_dir / "tls.crt"),

@@ -144,7 +144,7 @@ def webhook_configuration(
             "sideEffects": "None",
             "admissionReviewVersions": ["v1"],
             "timeoutSeconds": 5,
-            "reinvocationPolicy": "IfNeeded",
+            "reinvocationPolicy": "Never",
         }
 
     return {

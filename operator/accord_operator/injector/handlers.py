@@ -16,7 +16,9 @@ def register_webhooks(registry: kopf.OperatorRegistry) -> None:
     # pods come from a namespace with accord.dev/injection=enabled: no namespace lookups
     # (and no cache to warm up) on the admission path.
     @kopf.on.mutate("", "v1", "pods", operation="CREATE", id="inject-sidecar", registry=registry)
-    def inject_sidecar(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **kw: Any) -> None:
+    async def inject_sidecar(
+        body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **kw: Any
+    ) -> None:
         mutate(
             body, patch, memo.injector, namespace=kw.get("namespace") or "", namespace_enabled=False
         )
@@ -24,7 +26,7 @@ def register_webhooks(registry: kopf.OperatorRegistry) -> None:
     @kopf.on.mutate(
         "", "v1", "pods", operation="CREATE", id="inject-sidecar-namespace", registry=registry
     )
-    def inject_sidecar_namespace(
+    async def inject_sidecar_namespace(
         body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **kw: Any
     ) -> None:
         mutate(
