@@ -1,0 +1,1 @@
+"""The message broker behind publish/subscribe (NATS JetStream)."""

@@ -1,0 +1,160 @@
+"""The sidecar's configuration: environment only (ACCORD_*), so the same binary runs
+unchanged in a pod (where the injector writes these) and on a laptop or in tests."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+TOPIC = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+SERVICE = re.compile(
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*(:[0-9]{1,5})?$"
+)
+
+
+class ConfigError(ValueError):
+    """A bad ACCORD_* variable; the message names it."""
+
+
+def _int(env: Mapping[str, str], name: str, default: int, lo: int = 0, hi: int = 2**31) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer") from None
+    if not lo <= value <= hi:
+        raise ConfigError(f"{name}={value} is out of range ({lo} to {hi})")
+    return value
+
+
+def _services(raw: str) -> dict[str, str]:
+    """ACCORD_SERVICES="inventory=127.0.0.1:8081,payment=http://127.0.0.1:8082"."""
+    out: dict[str, str] = {}
+    for item in filter(None, (i.strip() for i in raw.split(","))):
+        name, sep, target = item.partition("=")
+        if not sep or not name.strip() or not target.strip():
+            raise ConfigError(f"ACCORD_SERVICES: {item!r} is not name=host:port")
+        target = target.strip()
+        out[name.strip()] = target if "://" in target else f"http://{target}"
+    return out
+
+
+@dataclass(frozen=True)
+class RetryDefaults:
+    max_attempts: int = 3
+    initial_ms: int = 100
+    max_ms: int = 2000
+    exponential: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    http_port: int = 3500
+    inbound_port: int = 3501
+    admin_port: int = 9090
+    bind_host: str = "0.0.0.0"  # inbound and admin; the app-facing port is loopback only
+    app_host: str = "127.0.0.1"
+    app_port: int | None = None
+    app_id: str = "app"
+    namespace: str = "default"
+    nats_url: str = ""
+    subscribe: tuple[str, ...] = ()
+    max_deliveries: int = 5
+    concurrency: int = 1  # per subscription; 1 keeps delivery ordered per subject
+    redelivery_initial_ms: int = 200
+    redelivery_max_ms: int = 10_000
+    retry: RetryDefaults = RetryDefaults()
+    timeout_ms: int = 10_000
+    retry_budget_percent: int = 20
+    breaker_failures: int = 5
+    breaker_cooldown_ms: int = 5_000
+    services: dict[str, str] = field(default_factory=dict)
+    max_body_bytes: int = 1 << 20
+    data_dir: str = ""
+    dedup_max_entries: int = 10_000
+    dedup_ttl_s: int = 3600
+    shared_token: str = ""
+    allowed_service_accounts: tuple[str, ...] = ()
+    kube_api_url: str = ""
+    kube_ca_file: str = ""
+    kube_token_file: str = ""
+    kube_client_cert: str = ""
+    kube_client_key: str = ""
+    shutdown_grace_s: int = 20
+    log_level: str = "info"
+
+    @property
+    def auth_mode(self) -> str:
+        if self.shared_token:
+            return "token"
+        if self.kube_api_url:
+            return "tokenreview"
+        return "none"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
+        env = os.environ if env is None else env
+        subscribe = tuple(
+            t.strip() for t in env.get("ACCORD_SUBSCRIBE", "").split(",") if t.strip()
+        )
+        for topic in subscribe:
+            if not TOPIC.match(topic):
+                raise ConfigError(f"ACCORD_SUBSCRIBE: {topic!r} is not a valid topic")
+        app_port = _int(env, "ACCORD_APP_PORT", 0, 0, 65535) or None
+        if subscribe and app_port is None:
+            raise ConfigError("ACCORD_SUBSCRIBE needs ACCORD_APP_PORT to deliver events to")
+        in_cluster = os.path.exists("/var/run/secrets/kubernetes.io/serviceaccount/token")
+        sa_dir = "/var/run/secrets/kubernetes.io/serviceaccount"
+        allowed = tuple(
+            a.strip()
+            for a in env.get("ACCORD_ALLOWED_SERVICE_ACCOUNTS", "").split(",")
+            if a.strip()
+        )
+        return cls(
+            http_port=_int(env, "ACCORD_HTTP_PORT", 3500, 0, 65535),
+            inbound_port=_int(env, "ACCORD_INBOUND_PORT", 3501, 0, 65535),
+            admin_port=_int(env, "ACCORD_ADMIN_PORT", 9090, 0, 65535),
+            bind_host=env.get("ACCORD_BIND_HOST", "0.0.0.0"),
+            app_host=env.get("ACCORD_APP_HOST", "127.0.0.1"),
+            app_port=app_port,
+            app_id=env.get("ACCORD_APP_ID") or env.get("ACCORD_POD_NAME", "app").rsplit("-", 2)[0],
+            namespace=env.get("ACCORD_POD_NAMESPACE", "default"),
+            nats_url=env.get("ACCORD_NATS_URL", ""),
+            subscribe=subscribe,
+            max_deliveries=_int(env, "ACCORD_MAX_DELIVERIES", 5, 1, 1000),
+            concurrency=_int(env, "ACCORD_CONCURRENCY", 1, 1, 1000),
+            redelivery_initial_ms=_int(env, "ACCORD_REDELIVERY_INITIAL_MS", 200, 0, 3_600_000),
+            redelivery_max_ms=_int(env, "ACCORD_REDELIVERY_MAX_MS", 10_000, 0, 3_600_000),
+            retry=RetryDefaults(
+                max_attempts=_int(env, "ACCORD_RETRY_MAX_ATTEMPTS", 3, 1, 100),
+                initial_ms=_int(env, "ACCORD_RETRY_INITIAL_MS", 100, 0, 3_600_000),
+                max_ms=_int(env, "ACCORD_RETRY_MAX_MS", 2000, 0, 3_600_000),
+                exponential=env.get("ACCORD_RETRY_BACKOFF", "exponential") != "constant",
+            ),
+            timeout_ms=_int(env, "ACCORD_TIMEOUT_MS", 10_000, 1, 3_600_000),
+            retry_budget_percent=_int(env, "ACCORD_RETRY_BUDGET_PERCENT", 20, 0, 1000),
+            breaker_failures=_int(env, "ACCORD_BREAKER_FAILURES", 5, 1, 10_000),
+            breaker_cooldown_ms=_int(env, "ACCORD_BREAKER_COOLDOWN_MS", 5_000, 1, 3_600_000),
+            services=_services(env.get("ACCORD_SERVICES", "")),
+            max_body_bytes=_int(env, "ACCORD_MAX_BODY_BYTES", 1 << 20, 1, 1 << 30),
+            data_dir=env.get("ACCORD_DATA_DIR", ""),
+            dedup_max_entries=_int(env, "ACCORD_DEDUP_MAX_ENTRIES", 10_000, 1, 10_000_000),
+            dedup_ttl_s=_int(env, "ACCORD_DEDUP_TTL_S", 3600, 1, 30 * 86400),
+            shared_token=env.get("ACCORD_SHARED_TOKEN", ""),
+            allowed_service_accounts=allowed,
+            kube_api_url=env.get(
+                "ACCORD_KUBE_API_URL", "https://kubernetes.default.svc" if in_cluster else ""
+            ),
+            kube_ca_file=env.get("ACCORD_KUBE_CA_FILE", f"{sa_dir}/ca.crt" if in_cluster else ""),
+            kube_token_file=env.get(
+                "ACCORD_KUBE_TOKEN_FILE", f"{sa_dir}/token" if in_cluster else ""
+            ),
+            kube_client_cert=env.get("ACCORD_KUBE_CLIENT_CERT", ""),
+            kube_client_key=env.get("ACCORD_KUBE_CLIENT_KEY", ""),
+            shutdown_grace_s=_int(env, "ACCORD_SHUTDOWN_GRACE_S", 20, 0, 3600),
+            log_level=env.get("ACCORD_LOG_LEVEL", "info").lower(),
+        )

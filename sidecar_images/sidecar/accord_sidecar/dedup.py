@@ -1,0 +1,108 @@
+"""The inbound dedup table: completed responses by idempotency key, LRU + TTL bounded,
+optionally kept in an append-only file so that a sidecar restart keeps it."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Stored:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+    at: float
+
+
+def _line(key: str, e: Stored) -> str:
+    return json.dumps(
+        {"k": key, "s": e.status, "h": e.headers, "b": base64.b64encode(e.body).decode(), "t": e.at}
+    )
+
+
+class DedupTable:
+    def __init__(
+        self,
+        max_entries: int,
+        ttl_s: float,
+        path: Path | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.max_entries = max_entries
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self.path = path
+        self._entries: OrderedDict[str, Stored] = OrderedDict()
+        self._lines = 0
+        if path is not None:
+            self._load(path)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str) -> Stored | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if self.clock() - entry.at > self.ttl_s:
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return entry
+
+    def put(self, key: str, entry: Stored) -> None:
+        self._entries[key] = entry
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+        if self.path is not None:
+            self._append(key, entry)
+
+    # -- file backing: one JSON line per entry; compacted when it doubles the table ----------
+    def _append(self, key: str, entry: Stored) -> None:
+        assert self.path is not None
+        line = _line(key, entry)
+        # One write() per entry: a SIGKILL after it returns cannot lose it (page cache).
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, (line + "\n").encode())
+        finally:
+            os.close(fd)
+        self._lines += 1
+        if self._lines > 2 * self.max_entries + 100:
+            self._compact()
+
+    def _load(self, path: Path) -> None:
+        if not path.exists():
+            return
+        now = self.clock()
+        for raw in path.read_text(errors="replace").splitlines():
+            try:
+                d = json.loads(raw)
+                entry = Stored(
+                    int(d["s"]), [tuple(h) for h in d["h"]], base64.b64decode(d["b"]), float(d["t"])
+                )
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn last line after a crash
+            if now - entry.at <= self.ttl_s:
+                self._entries[d["k"]] = entry
+                self._entries.move_to_end(d["k"])
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+        self._compact()
+
+    def _compact(self) -> None:
+        assert self.path is not None
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            for key, e in self._entries.items():
+                f.write(_line(key, e) + "\n")
+        os.replace(tmp, self.path)
+        self._lines = len(self._entries)

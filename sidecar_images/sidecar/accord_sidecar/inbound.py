@@ -1,0 +1,117 @@
+"""The inbound participant port: authenticate, deduplicate by Accord-Idempotency-Key,
+forward to the app."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+from aiohttp import web
+
+from accord_sidecar import metrics
+from accord_sidecar.auth import Authenticator
+from accord_sidecar.config import Config
+from accord_sidecar.dedup import DedupTable, Stored
+from accord_sidecar.errors import error, read_body
+from accord_sidecar.invoke import forward_headers
+
+IDEMPOTENCY_KEY = "Accord-Idempotency-Key"
+MAX_KEY_LENGTH = 512
+
+
+class Inbound:
+    def __init__(
+        self, config: Config, session: aiohttp.ClientSession, auth: Authenticator, dedup: DedupTable
+    ) -> None:
+        self.config = config
+        self.session = session
+        self.auth = auth
+        self.dedup = dedup
+        self._in_flight: dict[str, asyncio.Future[Stored | None]] = {}
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        response, outcome = await self._handle(request)
+        metrics.INBOUND_REQUESTS.labels(str(response.status), outcome).inc()
+        metrics.INBOUND_LATENCY.observe(time.perf_counter() - started)
+        return response
+
+    async def _handle(self, request: web.Request) -> tuple[web.Response, str]:
+        verdict = await self.auth.check(request.headers.get("Authorization"))
+        if verdict.status != 200:
+            code = {401: "unauthenticated", 403: "forbidden"}.get(
+                verdict.status, "auth_unavailable"
+            )
+            return error(verdict.status, code, verdict.message), "refused"
+        if self.config.app_port is None:
+            return error(503, "no_app", "this sidecar has no app port (ACCORD_APP_PORT)"), "error"
+        body = await read_body(request, self.config.max_body_bytes)
+        if isinstance(body, web.Response):
+            return body, "refused"
+        key = request.headers.get(IDEMPOTENCY_KEY)
+        if key is None:
+            return self._respond(await self._forward(request, body)), "forwarded"
+        if not key or len(key) > MAX_KEY_LENGTH:
+            return error(
+                400,
+                "invalid_idempotency_key",
+                f"{IDEMPOTENCY_KEY} must be 1 to {MAX_KEY_LENGTH} characters",
+            ), "refused"
+
+        stored = self.dedup.get(key)
+        if stored is not None:
+            return self._respond(stored, replayed=True), "replayed"
+        waiting = self._in_flight.get(key)
+        if waiting is not None:
+            # A concurrent duplicate waits for the first call and gets its answer.
+            first = await asyncio.shield(waiting)
+            if first is not None:
+                return self._respond(first, replayed=True), "replayed"
+        future: asyncio.Future[Stored | None] = asyncio.get_running_loop().create_future()
+        self._in_flight[key] = future
+        result: Stored | None = None
+        try:
+            result = await self._forward(request, body)
+            # Only answers worth replaying are kept: a 5xx or a failed call must be retried.
+            if result.status < 500:
+                self.dedup.put(key, result)
+            return self._respond(result), "forwarded"
+        finally:
+            self._in_flight.pop(key, None)
+            future.set_result(result if result is not None and result.status < 500 else None)
+
+    async def _forward(self, request: web.Request, body: bytes) -> Stored:
+        headers = forward_headers(request.headers)
+        headers.popall("Authorization", None)  # the caller's credential is for us, not the app
+        url = f"http://{self.config.app_host}:{self.config.app_port}{request.rel_url}"
+        try:
+            async with self.session.request(
+                request.method,
+                url,
+                headers=headers,
+                data=body or None,
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=self.config.timeout_ms / 1000),
+            ) as r:
+                data = await r.read()
+                return Stored(r.status, list(forward_headers(r.headers).items()), data, time.time())
+        except TimeoutError:
+            return _error_stored(504, "timeout", "the app did not answer in time")
+        except aiohttp.ClientError as exc:
+            return _error_stored(502, "app_unreachable", str(exc) or type(exc).__name__)
+
+    @staticmethod
+    def _respond(stored: Stored, replayed: bool = False) -> web.Response:
+        response = web.Response(status=stored.status, body=stored.body)
+        for k, v in stored.headers:
+            response.headers.add(k, v)
+        if replayed:
+            response.headers["Accord-Replayed"] = "true"
+        return response
+
+
+def _error_stored(status: int, code: str, message: str) -> Stored:
+    r = error(status, code, message)
+    assert isinstance(r.body, bytes)
+    return Stored(status, [("Content-Type", "application/json")], r.body, time.time())

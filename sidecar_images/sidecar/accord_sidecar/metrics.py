@@ -1,0 +1,94 @@
+"""The sidecar's one Prometheus registry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from accord_sidecar import __version__
+
+REGISTRY = CollectorRegistry()
+Info("accord_sidecar_build", "Version of the running sidecar.", registry=REGISTRY).info(
+    {"version": __version__}
+)
+
+_LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+OUTBOUND_REQUESTS = Counter(
+    "accord_sidecar_outbound_requests_total",
+    "Outbound invocations, by target and final status.",
+    ["target", "status"],
+    registry=REGISTRY,
+)
+OUTBOUND_LATENCY = Histogram(
+    "accord_sidecar_outbound_duration_seconds",
+    "Outbound invocation time, retries included.",
+    ["target"],
+    buckets=_LATENCY,
+    registry=REGISTRY,
+)
+RETRIES = Counter(
+    "accord_sidecar_retries_total",
+    "Retries of outbound calls, by target.",
+    ["target"],
+    registry=REGISTRY,
+)
+RETRIES_DENIED = Counter(
+    "accord_sidecar_retries_denied_total",
+    "Retries refused by the retry budget, by target.",
+    ["target"],
+    registry=REGISTRY,
+)
+BREAKER_STATE = Gauge(
+    "accord_sidecar_breaker_state",
+    "Circuit breaker state per target: 0 closed, 1 open, 2 half-open.",
+    ["target"],
+    registry=REGISTRY,
+)
+BREAKER_REJECTED = Counter(
+    "accord_sidecar_breaker_rejected_total",
+    "Calls refused fast because the breaker was open.",
+    ["target"],
+    registry=REGISTRY,
+)
+INBOUND_REQUESTS = Counter(
+    "accord_sidecar_inbound_requests_total",
+    "Inbound calls, by status and outcome.",
+    ["status", "outcome"],
+    registry=REGISTRY,
+)
+INBOUND_LATENCY = Histogram(
+    "accord_sidecar_inbound_duration_seconds",
+    "Inbound call time (app included).",
+    buckets=_LATENCY,
+    registry=REGISTRY,
+)
+PUBLISHED = Counter(
+    "accord_sidecar_published_total",
+    "Events published, by topic and result.",
+    ["topic", "result"],
+    registry=REGISTRY,
+)
+DELIVERIES = Counter(
+    "accord_sidecar_deliveries_total",
+    "Deliveries to the app, by topic and outcome.",
+    ["topic", "outcome"],
+    registry=REGISTRY,
+)
+REDELIVERIES = Counter(
+    "accord_sidecar_redeliveries_total",
+    "Events delivered more than once, by topic.",
+    ["topic"],
+    registry=REGISTRY,
+)
+DEAD_LETTERED = Counter(
+    "accord_sidecar_dead_lettered_total",
+    "Events moved to <topic>.dlq, by topic.",
+    ["topic"],
+    registry=REGISTRY,
+)
+CONSUMER_LAG = Gauge(
+    "accord_sidecar_consumer_lag",
+    "Events on the stream not yet delivered, by topic.",
+    ["topic"],
+    registry=REGISTRY,
+)

@@ -1,0 +1,161 @@
+"""The sidecar process: three listeners, the broker, the subscriptions, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from accord_sidecar import metrics
+from accord_sidecar.auth import Authenticator
+from accord_sidecar.broker.nats import Broker
+from accord_sidecar.config import Config
+from accord_sidecar.dedup import DedupTable
+from accord_sidecar.errors import error, never_crash
+from accord_sidecar.inbound import Inbound
+from accord_sidecar.invoke import Invoker
+from accord_sidecar.pubsub import Publisher, Subscriber
+
+logger = logging.getLogger("accord.sidecar")
+
+
+class Sidecar:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.broker = Broker(config.nats_url) if config.nats_url else None
+        self.stop_requested = asyncio.Event()
+        self.runners: list[web.AppRunner] = []
+        self.subscribers: list[Subscriber] = []
+        self.tasks: list[asyncio.Task[None]] = []
+        self.session: aiohttp.ClientSession | None = None
+        self.ports: dict[str, int] = {}
+
+    # -- the three apps ----------------------------------------------------------------------
+    def _app_api(self, invoker: Invoker, publisher: Publisher) -> web.Application:
+        app = web.Application(middlewares=[never_crash], client_max_size=self.config.max_body_bytes)
+        app.router.add_route("*", "/v1/invoke/{service}/{path:.*}", invoker.handle)
+        app.router.add_post("/v1/publish/{topic}", publisher.handle)
+
+        async def shutdown(_: web.Request) -> web.Response:
+            # For apps in pods without native sidecars (e.g. a Job): ask the sidecar to exit.
+            self.stop_requested.set()
+            return web.json_response({"status": "shutting down"}, status=202)
+
+        app.router.add_post("/v1/shutdown", shutdown)
+        return app
+
+    def _inbound(self, inbound: Inbound) -> web.Application:
+        app = web.Application(middlewares=[never_crash], client_max_size=self.config.max_body_bytes)
+        app.router.add_route("*", "/{path:.*}", inbound.handle)
+        return app
+
+    def _admin(self) -> web.Application:
+        async def prometheus(_: web.Request) -> web.Response:
+            for s in self.subscribers:
+                await s.lag()
+            return web.Response(
+                body=generate_latest(metrics.REGISTRY),
+                headers={"Content-Type": CONTENT_TYPE_LATEST},
+            )
+
+        async def healthz(_: web.Request) -> web.Response:
+            return web.json_response({"status": "ok"})
+
+        async def readyz(_: web.Request) -> web.Response:
+            problems = []
+            if self.stop_requested.is_set():
+                problems.append("shutting down")
+            if self.broker is not None and not self.broker.connected:
+                problems.append("broker not connected")
+            if self.config.app_port is not None and not await self._app_reachable():
+                problems.append(f"app port {self.config.app_port} not reachable")
+            if problems:
+                return error(503, "not_ready", "; ".join(problems))
+            return web.json_response({"status": "ready"})
+
+        app = web.Application(middlewares=[never_crash])
+        app.router.add_get("/metrics", prometheus)
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/readyz", readyz)
+        return app
+
+    async def _app_reachable(self) -> bool:
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(self.config.app_host, self.config.app_port), timeout=1
+            )
+        except (OSError, TimeoutError):
+            return False
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return True
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        c = self.config
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+            auto_decompress=False,
+        )
+        dedup_path = Path(c.data_dir) / "dedup.jsonl" if c.data_dir else None
+        if dedup_path is not None:
+            dedup_path.parent.mkdir(parents=True, exist_ok=True)
+        dedup = DedupTable(c.dedup_max_entries, c.dedup_ttl_s, dedup_path)
+        if self.broker is not None:
+            await self.broker.connect()
+        invoker = Invoker(c, self.session)
+        inbound = Inbound(c, self.session, Authenticator(c, self.session), dedup)
+        publisher = Publisher(c, self.broker)
+        for name, app, host, port in (
+            ("http", self._app_api(invoker, publisher), "127.0.0.1", c.http_port),
+            ("inbound", self._inbound(inbound), c.bind_host, c.inbound_port),
+            ("admin", self._admin(), c.bind_host, c.admin_port),
+        ):
+            runner = web.AppRunner(app, access_log=None, shutdown_timeout=c.shutdown_grace_s)
+            await runner.setup()
+            site = web.TCPSite(runner, host, port)
+            await site.start()
+            self.runners.append(runner)
+            sockets = site._server.sockets if site._server else []
+            self.ports[name] = sockets[0].getsockname()[1] if sockets else port
+        if self.broker is not None:
+            for topic in c.subscribe:
+                sub = Subscriber(c, self.broker, self.session, topic)
+                self.subscribers.append(sub)
+                self.tasks.append(asyncio.create_task(sub.run()))
+        logger.info("accord-sidecar ready: %s", " ".join(f"{k}={v}" for k, v in self.ports.items()))
+        print(f"accord-sidecar listening {self.ports}", flush=True)
+
+    async def stop(self) -> None:
+        """Stop taking work, finish deliveries in flight, close the broker cleanly."""
+        c = self.config
+        for sub in self.subscribers:
+            sub.stopping.set()
+        await asyncio.gather(*(s.stop(c.shutdown_grace_s) for s in self.subscribers))
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for runner in self.runners:
+            await runner.cleanup()
+        if self.broker is not None:
+            await self.broker.close()
+        if self.session is not None:
+            await self.session.close()
+
+
+async def serve(config: Config) -> None:
+    sidecar = Sidecar(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, sidecar.stop_requested.set)
+    await sidecar.start()
+    await sidecar.stop_requested.wait()
+    logger.info("shutting down")
+    await sidecar.stop()
