@@ -49,8 +49,13 @@ class Recorder:
             body: Any = json.loads(raw) if raw else None
         except ValueError:
             body = raw.decode(errors="replace")
-        call = {"method": request.method, "path": request.path, "query": request.query_string,
-                "headers": dict(request.headers), "body": body}
+        call = {
+            "method": request.method,
+            "path": request.path,
+            "query": request.query_string,
+            "headers": dict(request.headers),
+            "body": body,
+        }
         self.calls.append(call)
         # Events are counted per event id, so "fail 3" means 3 deliveries of each event.
         key = request.path
@@ -69,10 +74,14 @@ class Recorder:
                     break
             headers = {"Retry-After": str(rule["retryAfter"])} if "retryAfter" in rule else {}
             if "reply" in rule:
-                return web.json_response(rule["reply"], status=rule.get("status", 200), headers=headers)
+                status = rule.get("status", 200)
+                return web.json_response(rule["reply"], status=status, headers=headers)
             if "status" in rule:
-                return web.json_response(rule.get("body", {"error": "told to fail"}),
-                                         status=rule["status"], headers=headers)
+                return web.json_response(
+                    rule.get("body", {"error": "told to fail"}),
+                    status=rule["status"],
+                    headers=headers,
+                )
         return web.json_response({"ok": True, "service": self.name, "path": request.path, "n": n})
 
 

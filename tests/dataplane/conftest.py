@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.dataplane import NatsServer, Process, Recorder, Sidecar
+from tests.support.dataplane import NatsServer, Process
 
 if shutil.which("nats-server") is None and not Path("/usr/sbin/nats-server").exists():
     raise RuntimeError(

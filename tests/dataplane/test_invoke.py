@@ -145,3 +145,11 @@ def test_unreachable_service_is_a_502_naming_it(spawn: Callable[..., Any]) -> No
         and body["error"]["code"] == "unreachable"
         and "gone" in body["error"]["message"]
     )
+
+
+def test_unknown_service_outside_a_cluster_is_a_404(spawn: Callable[..., Any]) -> None:
+    sidecar: Sidecar = spawn(Sidecar, "caller")
+    status, body, _ = request("GET", f"{sidecar.api}/v1/invoke/nowhere/x")
+    assert status == 404 and body["error"]["code"] == "unknown_service"
+    status, body, _ = request("GET", f"{sidecar.api}/v1/invoke/Not_A_Name/x")
+    assert status == 400 and body["error"]["code"] == "invalid_service"

@@ -86,6 +86,7 @@ class Config:
     kube_client_key: str = ""
     shutdown_grace_s: int = 20
     log_level: str = "info"
+    in_cluster: bool = False  # resolve unknown services through cluster DNS
 
     @property
     def auth_mode(self) -> str:
@@ -157,4 +158,5 @@ class Config:
             kube_client_key=env.get("ACCORD_KUBE_CLIENT_KEY", ""),
             shutdown_grace_s=_int(env, "ACCORD_SHUTDOWN_GRACE_S", 20, 0, 3600),
             log_level=env.get("ACCORD_LOG_LEVEL", "info").lower(),
+            in_cluster=in_cluster or "ACCORD_POD_NAMESPACE" in env,
         )

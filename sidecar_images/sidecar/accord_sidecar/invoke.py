@@ -62,13 +62,18 @@ class Invoker:
         self.session = session
         self.targets: dict[str, Target] = {}
 
-    def resolve(self, service: str) -> str:
-        """Local map first (ACCORD_SERVICES), else cluster DNS to the target's sidecar."""
+    def resolve(self, service: str) -> str | None:
+        """Local map first (ACCORD_SERVICES), else cluster DNS to the target's sidecar.
+
+        Outside a cluster an unmapped name is unknown: no DNS lookup leaves the machine.
+        """
         name, _, port = service.partition(":")
         if service in self.config.services:
             return self.config.services[service]
         if name in self.config.services:
             return self.config.services[name]
+        if not self.config.in_cluster:
+            return None
         host = name if "." in name else f"{name}.{self.config.namespace}.svc"
         return f"http://{host}:{port or 3501}"
 
@@ -100,7 +105,10 @@ class Invoker:
         body = await read_body(request, self.config.max_body_bytes)
         if isinstance(body, web.Response):
             return body
-        url = f"{self.resolve(service)}/{request.match_info['path']}"
+        base = self.resolve(service)
+        if base is None:
+            return error(404, "unknown_service", f"{service!r} is not in ACCORD_SERVICES")
+        url = f"{base}/{request.match_info['path']}"
         if request.query_string:
             url += "?" + request.query_string
         headers = forward_headers(request.headers)

@@ -1,0 +1,162 @@
+"""The inbound participant port: authentication, dedup replay, restart safety."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.cluster import Cluster
+from tests.support.dataplane import Recorder, Sidecar, request
+
+TOKEN = "s3cret-shared-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _sidecar(spawn: Callable[..., Any], app: Recorder, **env: str) -> Sidecar:
+    sidecar: Sidecar = spawn(
+        Sidecar, "inventory", ACCORD_APP_PORT=str(app.port), ACCORD_SHARED_TOKEN=TOKEN, **env
+    )
+    return sidecar
+
+
+def test_unauthenticated_calls_are_refused(spawn: Callable[..., Any]) -> None:
+    app: Recorder = spawn(Recorder, "inventory-app")
+    sidecar = _sidecar(spawn, app)
+    status, body, _ = request("POST", f"{sidecar.inbound}/reserve", {"sku": 1})
+    assert status == 401 and body["error"]["code"] == "unauthenticated"
+    status, _, _ = request(
+        "POST", f"{sidecar.inbound}/reserve", {"sku": 1}, headers={"Authorization": "Bearer wrong"}
+    )
+    assert status == 401
+    assert app.calls() == []
+    status, body, _ = request("POST", f"{sidecar.inbound}/reserve?x=1", {"sku": 1}, headers=AUTH)
+    assert status == 200 and body["path"] == "/reserve"
+    (call,) = app.calls()
+    assert call["query"] == "x=1" and "Authorization" not in call["headers"]
+
+
+def test_no_authentication_configured_refuses_everything(spawn: Callable[..., Any]) -> None:
+    app: Recorder = spawn(Recorder, "inventory-app")
+    sidecar: Sidecar = spawn(Sidecar, "inventory", ACCORD_APP_PORT=str(app.port))
+    status, body, _ = request("POST", f"{sidecar.inbound}/reserve", {}, headers=AUTH)
+    assert status == 401 and "not configured" in body["error"]["message"]
+
+
+def test_completed_call_is_replayed_for_the_same_key(spawn: Callable[..., Any]) -> None:
+    app: Recorder = spawn(Recorder, "inventory-app")
+    sidecar = _sidecar(spawn, app)
+    headers = {**AUTH, "Accord-Idempotency-Key": "saga-1/reserve/action"}
+    first = request("POST", f"{sidecar.inbound}/reserve", {"sku": 1}, headers=headers)
+    second = request("POST", f"{sidecar.inbound}/reserve", {"sku": 1}, headers=headers)
+    assert first[0] == second[0] == 200 and first[1] == second[1]
+    assert second[2].get("Accord-Replayed") == "true" and "Accord-Replayed" not in first[2]
+    assert len(app.calls("/reserve")) == 1
+    request(
+        "POST",
+        f"{sidecar.inbound}/reserve",
+        {"sku": 1},
+        headers={**AUTH, "Accord-Idempotency-Key": "saga-2/reserve/action"},
+    )
+    assert len(app.calls("/reserve")) == 2
+
+
+def test_concurrent_duplicate_waits_for_the_first(spawn: Callable[..., Any]) -> None:
+    app: Recorder = spawn(Recorder, "inventory-app")
+    app.behave({"path": "/reserve", "delayMs": 800})
+    sidecar = _sidecar(spawn, app)
+    headers = {**AUTH, "Accord-Idempotency-Key": "k-concurrent"}
+    results: list[Any] = []
+    threads = [
+        threading.Thread(
+            target=lambda: results.append(
+                request("POST", f"{sidecar.inbound}/reserve", {}, headers=headers)
+            )
+        )
+        for _ in range(5)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(app.calls("/reserve")) == 1
+    assert {json.dumps(r[1], sort_keys=True) for r in results} == {
+        json.dumps(results[0][1], sort_keys=True)
+    }
+    assert sum(r[2].get("Accord-Replayed") == "true" for r in results) == 4
+
+
+def test_server_errors_are_not_replayed(spawn: Callable[..., Any]) -> None:
+    app: Recorder = spawn(Recorder, "inventory-app")
+    app.behave({"path": "/reserve", "fail": 1, "status": 503})
+    sidecar = _sidecar(spawn, app)
+    headers = {**AUTH, "Accord-Idempotency-Key": "k-retry"}
+    assert request("POST", f"{sidecar.inbound}/reserve", {}, headers=headers)[0] == 503
+    assert request("POST", f"{sidecar.inbound}/reserve", {}, headers=headers)[0] == 200
+    assert (
+        request("POST", f"{sidecar.inbound}/reserve", {}, headers=headers)[2].get("Accord-Replayed")
+        == "true"
+    )
+    assert len(app.calls("/reserve")) == 2
+
+
+def test_dedup_table_survives_a_sidecar_restart(spawn: Callable[..., Any], tmp_path: Path) -> None:
+    app: Recorder = spawn(Recorder, "inventory-app")
+    sidecar = _sidecar(spawn, app, ACCORD_DATA_DIR=str(tmp_path / "data"))
+    headers = {**AUTH, "Accord-Idempotency-Key": "k-durable"}
+    first = request("POST", f"{sidecar.inbound}/reserve", {"sku": 9}, headers=headers)
+    sidecar.kill()  # SIGKILL: no shutdown hook writes anything
+    sidecar.start()
+    again = request("POST", f"{sidecar.inbound}/reserve", {"sku": 9}, headers=headers)
+    assert again[1] == first[1] and again[2].get("Accord-Replayed") == "true"
+    assert len(app.calls("/reserve")) == 1
+
+
+@pytest.mark.integration
+def test_service_account_tokens_are_checked_with_token_review(
+    spawn: Callable[..., Any], cluster: Cluster, namespace: str
+) -> None:
+    """The same sidecar, authenticating callers with TokenReview on the real API server."""
+    for sa in ("saga-operator", "stranger"):
+        cluster.kubectl("create", "serviceaccount", sa, "-n", namespace)
+    good = cluster.kubectl("create", "token", "saga-operator", "-n", namespace).strip()
+    other = cluster.kubectl("create", "token", "stranger", "-n", namespace).strip()
+    assert cluster.cp.dir is not None
+    pki = cluster.cp.dir / "pki"
+    app: Recorder = spawn(Recorder, "inventory-app")
+    sidecar: Sidecar = spawn(
+        Sidecar,
+        "inventory",
+        ACCORD_APP_PORT=str(app.port),
+        ACCORD_KUBE_API_URL=cluster.cp.server,
+        ACCORD_KUBE_CA_FILE=str(pki / "ca.crt"),
+        ACCORD_KUBE_CLIENT_CERT=str(pki / "admin.crt"),
+        ACCORD_KUBE_CLIENT_KEY=str(pki / "admin.key"),
+        ACCORD_ALLOWED_SERVICE_ACCOUNTS=f"{namespace}/saga-operator",
+    )
+    assert (
+        request(
+            "POST", f"{sidecar.inbound}/reserve", {}, headers={"Authorization": f"Bearer {good}"}
+        )[0]
+        == 200
+    )
+    status, body, _ = request(
+        "POST", f"{sidecar.inbound}/reserve", {}, headers={"Authorization": f"Bearer {other}"}
+    )
+    assert (
+        status == 403 and f"system:serviceaccount:{namespace}:stranger" in body["error"]["message"]
+    )
+    assert (
+        request(
+            "POST",
+            f"{sidecar.inbound}/reserve",
+            {},
+            headers={"Authorization": "Bearer not-a-token"},
+        )[0]
+        == 401
+    )
+    assert len(app.calls("/reserve")) == 1

@@ -1,0 +1,240 @@
+"""Publish -> JetStream -> subscribe -> app, through real sidecars and a real nats-server."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from tests.support.dataplane import NatsServer, Recorder, Sidecar, request, wait_until
+
+
+def _publisher(spawn: Callable[..., Any], nats: NatsServer) -> Sidecar:
+    sidecar: Sidecar = spawn(Sidecar, "orders-api", ACCORD_NATS_URL=nats.url)
+    return sidecar
+
+
+def _subscriber(
+    spawn: Callable[..., Any], nats: NatsServer, app: Recorder, topic: str = "orders", **env: str
+) -> Sidecar:
+    sidecar: Sidecar = spawn(
+        Sidecar,
+        f"projector-{topic.replace('.', '-')}",
+        ACCORD_NATS_URL=nats.url,
+        ACCORD_SUBSCRIBE=topic,
+        ACCORD_APP_PORT=str(app.port),
+        ACCORD_REDELIVERY_INITIAL_MS="20",
+        ACCORD_REDELIVERY_MAX_MS="100",
+        **env,
+    )
+    return sidecar
+
+
+def _publish(sidecar: Sidecar, topic: str, data: Any, **headers: str) -> tuple[int, Any]:
+    status, body, _ = request("POST", f"{sidecar.api}/v1/publish/{topic}", data, headers=headers)
+    return status, body
+
+
+def _delivered_ids(app: Recorder, topic: str = "orders") -> list[str]:
+    return [c["body"]["id"] for c in app.calls(f"/events/{topic}")]
+
+
+def test_publish_reaches_the_subscribed_app_in_order(
+    spawn: Callable[..., Any], nats: NatsServer
+) -> None:
+    app: Recorder = spawn(Recorder, "projector")
+    publisher = _publisher(spawn, nats)
+    _subscriber(spawn, nats, app)
+    ids = []
+    for i in range(20):
+        status, body = _publish(publisher, "orders", {"order": i})
+        assert status == 200 and body["duplicate"] is False
+        ids.append(body["id"])
+    wait_until(lambda: len(_delivered_ids(app)) >= 20)
+    assert _delivered_ids(app) == ids  # ordered, exactly these
+    event = app.calls("/events/orders")[0]
+    assert event["headers"]["Content-Type"] == "application/cloudevents+json"
+    assert event["body"]["specversion"] == "1.0" and event["body"]["data"] == {"order": 0}
+    assert event["body"]["source"] == "accord://default/orders-api"
+    assert event["body"]["datacontenttype"] == "application/json"
+
+
+def test_structured_and_binary_cloudevents(spawn: Callable[..., Any], nats: NatsServer) -> None:
+    app: Recorder = spawn(Recorder, "projector")
+    publisher = _publisher(spawn, nats)
+    _subscriber(spawn, nats, app)
+    structured = {
+        "specversion": "1.0",
+        "id": "evt-1",
+        "source": "/shop",
+        "type": "order.placed",
+        "data": {"order": 1},
+    }
+    status, _, _ = request(
+        "POST",
+        f"{publisher.api}/v1/publish/orders",
+        data=json.dumps(structured).encode(),
+        headers={"Content-Type": "application/cloudevents+json"},
+    )
+    assert status == 200
+    status, _, _ = request(
+        "POST",
+        f"{publisher.api}/v1/publish/orders",
+        data=b"plain text",
+        headers={
+            "Content-Type": "text/plain",
+            "ce-specversion": "1.0",
+            "ce-id": "evt-2",
+            "ce-source": "/shop",
+            "ce-type": "order.noted",
+        },
+    )
+    assert status == 200
+    wait_until(lambda: len(_delivered_ids(app)) >= 2)
+    first, second = (c["body"] for c in app.calls("/events/orders"))
+    assert (
+        first["id"] == "evt-1" and first["type"] == "order.placed" and first["data"] == {"order": 1}
+    )
+    assert (
+        second["id"] == "evt-2"
+        and second["type"] == "order.noted"
+        and second["data"] == "plain text"
+    )
+
+
+def test_duplicate_event_ids_are_dropped_by_the_broker(
+    spawn: Callable[..., Any], nats: NatsServer
+) -> None:
+    app: Recorder = spawn(Recorder, "projector")
+    publisher = _publisher(spawn, nats)
+    _subscriber(spawn, nats, app)
+    headers = {
+        "Content-Type": "text/plain",
+        "ce-specversion": "1.0",
+        "ce-id": "same-id",
+        "ce-source": "/shop",
+        "ce-type": "t",
+    }
+    results = [
+        request("POST", f"{publisher.api}/v1/publish/orders", data=b"x", headers=headers)[1]
+        for _ in range(3)
+    ]
+    assert [r["duplicate"] for r in results] == [False, True, True]
+    _publish(publisher, "orders", {"marker": True})
+    wait_until(lambda: len(_delivered_ids(app)) >= 2)
+    time.sleep(0.3)
+    assert _delivered_ids(app)[0] == "same-id" and len(_delivered_ids(app)) == 2
+
+
+def test_failures_are_redelivered_then_dead_lettered(
+    spawn: Callable[..., Any], nats: NatsServer
+) -> None:
+    app: Recorder = spawn(Recorder, "projector")
+    dlq_app: Recorder = spawn(Recorder, "dlq-reader")
+    app.behave({"path": "/events/orders", "status": 500, "body": {"error": "projection broken"}})
+    publisher = _publisher(spawn, nats)
+    subscriber = _subscriber(spawn, nats, app, ACCORD_MAX_DELIVERIES="3")
+    _subscriber(spawn, nats, dlq_app, topic="orders.dlq")
+    _, body = _publish(publisher, "orders", {"order": 7})
+    dead = wait_until(lambda: dlq_app.calls("/events/orders.dlq"), message="nothing dead-lettered")
+    assert len(app.calls("/events/orders")) == 3
+    letter = dead[0]["body"]
+    assert letter["id"] == body["id"] and letter["data"] == {"order": 7}
+    assert letter["deadlettertopic"] == "orders" and letter["deadletterdeliveries"] == 3
+    assert (
+        "HTTP 500" in letter["deadletterreason"]
+        and "projection broken" in letter["deadletterreason"]
+    )
+    assert subscriber.metric("accord_sidecar_dead_lettered_total", topic="orders") == 1
+    assert subscriber.metric("accord_sidecar_redeliveries_total", topic="orders") == 2
+    time.sleep(0.5)
+    assert len(app.calls("/events/orders")) == 3  # acked on the DLQ: not delivered again
+
+
+def test_retry_and_drop_answers(spawn: Callable[..., Any], nats: NatsServer) -> None:
+    app: Recorder = spawn(Recorder, "projector")
+    app.behave({"path": "/events/orders", "fail": 2, "reply": {"status": "RETRY"}})
+    publisher = _publisher(spawn, nats)
+    subscriber = _subscriber(spawn, nats, app)
+    _publish(publisher, "orders", {"n": 1})
+    wait_until(lambda: len(app.calls("/events/orders")) >= 3)
+    assert (
+        subscriber.metric("accord_sidecar_deliveries_total", topic="orders", outcome="retry") == 2
+    )
+    app.behave({"path": "/events/orders", "reply": {"status": "DROP"}})
+    _publish(publisher, "orders", {"n": 2})
+    wait_until(
+        lambda: (
+            subscriber.metric("accord_sidecar_deliveries_total", topic="orders", outcome="drop")
+            == 1
+        )
+    )
+    time.sleep(0.3)
+    assert len(app.calls("/events/orders")) == 4
+
+
+def test_subscriber_sigkilled_mid_stream_loses_no_event(
+    spawn: Callable[..., Any], nats: NatsServer
+) -> None:
+    app: Recorder = spawn(Recorder, "projector")
+    app.behave({"path": "/events/orders", "delayMs": 5})
+    publisher = _publisher(spawn, nats)
+    subscriber = _subscriber(spawn, nats, app, ACCORD_CONCURRENCY="4")
+    ids = [_publish(publisher, "orders", {"n": i})[1]["id"] for i in range(300)]
+    wait_until(lambda: len(_delivered_ids(app)) >= 50)
+    subscriber.kill()  # SIGKILL: no chance to ack what is in flight
+    seen_at_kill = len(_delivered_ids(app))
+    assert seen_at_kill < 300
+    subscriber.start()
+    wait_until(lambda: set(_delivered_ids(app)) >= set(ids), timeout=60, message="events lost")
+    assert set(_delivered_ids(app)) == set(ids)  # at-least-once: duplicates allowed, no loss
+
+
+def test_nats_restart_mid_stream_reconnects_and_loses_nothing(
+    spawn: Callable[..., Any], nats: NatsServer
+) -> None:
+    app: Recorder = spawn(Recorder, "projector")
+    publisher = _publisher(spawn, nats)
+    subscriber = _subscriber(spawn, nats, app)
+    acked: list[str] = []
+    done = threading.Event()
+
+    def publish_all() -> None:
+        for i in range(200):
+            event_id = str(uuid.uuid4())
+            headers = {
+                "Content-Type": "application/json",
+                "ce-specversion": "1.0",
+                "ce-id": event_id,
+                "ce-source": "/t",
+                "ce-type": "t",
+            }
+            # What a well-behaved app does: retry a 503 with the same event id.
+            for _ in range(100):
+                status, _, _ = request(
+                    "POST",
+                    f"{publisher.api}/v1/publish/orders",
+                    data=json.dumps({"n": i}).encode(),
+                    headers=headers,
+                )
+                if status == 200:
+                    acked.append(event_id)
+                    break
+                assert status == 503, status
+                time.sleep(0.1)
+        done.set()
+
+    thread = threading.Thread(target=publish_all)
+    thread.start()
+    wait_until(lambda: len(acked) >= 50)
+    nats.kill()
+    time.sleep(1)
+    nats.start()  # same port, same store
+    thread.join(timeout=120)
+    assert done.is_set() and len(acked) == 200
+    wait_until(lambda: set(_delivered_ids(app)) >= set(acked), timeout=60, message="events lost")
+    status, body, _ = request("GET", f"http://127.0.0.1:{subscriber.admin_port}/readyz")
+    assert status == 200, body
