@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Install what Accord's demo and tests need on this machine; safe to run again.
+#  - nats-server from Debian's packages (when missing; needs root)
 #  - a virtualenv in .venv with accord and its dev extra (editable)
 #  - etcd, kube-apiserver, kube-controller-manager and kubectl built from the pinned
 #    releases into ${XDG_CACHE_HOME:-~/.cache}/accord/k8s/<version>/ (reused when present)
@@ -17,6 +18,20 @@ fi
 if ! command -v go >/dev/null; then
   echo "Go is needed to build the control-plane binaries (or set KUBEBUILDER_ASSETS)" >&2
   [[ -n "${KUBEBUILDER_ASSETS:-}" ]] || exit 1
+fi
+
+# nats-server (JetStream) for the sidecar's data-plane tests and the demo, from Debian.
+if ! command -v nats-server >/dev/null && [[ ! -x /usr/sbin/nats-server ]]; then
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+    say "installing nats-server"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server >/dev/null
+    # The package enables a system service; tests start their own servers on free ports.
+    systemctl disable --now nats-server >/dev/null 2>&1 || true
+  else
+    echo "nats-server is needed: sudo apt-get install nats-server (or put it on PATH)" >&2
+    exit 1
+  fi
 fi
 
 if [[ ! -x .venv/bin/python ]]; then

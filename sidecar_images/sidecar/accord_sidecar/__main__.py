@@ -30,7 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     from accord_sidecar.server import serve
 
-    asyncio.run(serve(config))
+    try:
+        import uvloop  # a faster event loop, when installed (the image has it)
+    except ImportError:
+        asyncio.run(serve(config))
+    else:
+        uvloop.run(serve(config))
     return 0
 
 

@@ -11,6 +11,8 @@ def error(status: int, code: str, message: str) -> web.Response:
 
 async def read_body(request: web.Request, limit: int) -> bytes | web.Response:
     """The request body, or a 413 error response when it is over the limit."""
+    if not request.body_exists:
+        return b""
     if request.content_length is not None and request.content_length > limit:
         return error(413, "body_too_large", f"body is over the {limit}-byte limit")
     chunks = []

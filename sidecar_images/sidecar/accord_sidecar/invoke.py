@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -49,11 +50,17 @@ def forward_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
 
 @dataclass
 class Target:
+    name: str
     breaker: CircuitBreaker
     budget: RetryBudget
     policy: RetryPolicy
     timeout_s: float
-    calls: int = field(default=0)
+    timeout: aiohttp.ClientTimeout = field(init=False)
+    latency: Any = field(init=False)  # the metric children, looked up once per target
+
+    def __post_init__(self) -> None:
+        self.timeout = aiohttp.ClientTimeout(total=self.timeout_s)
+        self.latency = metrics.OUTBOUND_LATENCY.labels(self.name)
 
 
 class Invoker:
@@ -82,6 +89,7 @@ class Invoker:
         if t is None:
             r = self.config.retry
             t = Target(
+                name=service,
                 breaker=CircuitBreaker(
                     self.config.breaker_failures, self.config.breaker_cooldown_ms / 1000
                 ),
@@ -115,7 +123,7 @@ class Invoker:
         target = self.target(service)
         started = time.perf_counter()
         response = await self._call(service, target, request.method, url, headers, body)
-        metrics.OUTBOUND_LATENCY.labels(service).observe(time.perf_counter() - started)
+        target.latency.observe(time.perf_counter() - started)
         metrics.OUTBOUND_REQUESTS.labels(service, str(response.status)).inc()
         metrics.BREAKER_STATE.labels(service).set(target.breaker.state.value)
         return response
@@ -178,7 +186,7 @@ class Invoker:
                 headers=headers,
                 data=body or None,
                 allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(total=target.timeout_s),
+                timeout=target.timeout,
             ) as r:
                 return r.status, CIMultiDict(r.headers), await r.read(), None
         except TimeoutError:

@@ -1,0 +1,109 @@
+"""Benchmark: publish-to-delivery throughput through one sidecar pair.
+
+A publisher sidecar takes N events on POST /v1/publish/<topic> (C concurrent requests);
+a subscriber sidecar delivers them to an app (bench/sink.py). Prints events/s from the
+first publish to the last delivery, and the publish rate alone. Goal (issue 3): >= 5,000/s.
+
+    .venv/bin/python bench/pubsub_throughput.py [--events 20000] [--publishers 64] [--concurrency 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from accord_operator.envtest.controlplane import free_port  # noqa: E402
+from tests.support.dataplane import NatsServer, Process, Sidecar, _wait_port  # noqa: E402
+
+
+def count(port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/_count") as r:
+        unique: int = json.load(r)["unique"]
+        return unique
+
+
+async def publish(url: str, n: int, publishers: int) -> float:
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(n):
+        queue.put_nowait(i)
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        while not queue.empty():
+            i = queue.get_nowait()
+            async with session.post(url, json={"order": i}) as r:
+                assert r.status == 200, await r.text()
+                await r.read()
+
+    started = time.perf_counter()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        await asyncio.gather(*(worker(session) for _ in range(publishers)))
+    return time.perf_counter() - started
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--events", type=int, default=20000)
+    parser.add_argument("--publishers", type=int, default=64, help="concurrent publish requests")
+    parser.add_argument(
+        "--concurrency", type=int, default=64, help="subscriber deliveries in flight"
+    )
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        nats = NatsServer(tmp).start()
+        sink_port = free_port()
+        sink = Process(
+            [sys.executable, str(ROOT / "bench" / "sink.py"), "--port", str(sink_port)],
+            tmp / "sink.log",
+        ).start()
+        assert sink.proc is not None
+        _wait_port(sink_port, sink.proc, sink.log)
+        pub = Sidecar(
+            tmp, "bench-pub", ACCORD_NATS_URL=nats.url, ACCORD_LOG_LEVEL="warning"
+        ).start()
+        sub = Sidecar(
+            tmp,
+            "bench-sub",
+            ACCORD_NATS_URL=nats.url,
+            ACCORD_SUBSCRIBE="bench",
+            ACCORD_APP_PORT=str(sink_port),
+            ACCORD_CONCURRENCY=str(args.concurrency),
+            ACCORD_LOG_LEVEL="warning",
+        ).start()
+        try:
+            started = time.perf_counter()
+            publish_s = asyncio.run(
+                publish(f"{pub.api}/v1/publish/bench", args.events, args.publishers)
+            )
+            deadline = time.monotonic() + 300
+            while count(sink_port) < args.events and time.monotonic() < deadline:
+                time.sleep(0.02)
+            total_s = time.perf_counter() - started
+            delivered = count(sink_port)
+        finally:
+            for p in (sub, pub, sink, nats):
+                p.close()
+    print(
+        f"events: {args.events}, publishers: {args.publishers}, subscriber concurrency: {args.concurrency}"
+    )
+    print(f"publish (acked by JetStream): {args.events / publish_s:,.0f} events/s")
+    print(
+        f"publish-to-delivery: {delivered:,} delivered in {total_s:.2f}s = {delivered / total_s:,.0f} events/s "
+        f"(goal >= 5,000/s)"
+    )
+    return 0 if delivered == args.events else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
