@@ -383,7 +383,9 @@ def _record_action(
             s["output"] = bounded_output(outcome.output)
         return
     s["lastError"] = outcome.error[:ERROR_LIMIT]
-    s["outcomeUnknown"] = outcome.unknown
+    # Sticky: once an attempt may have reached the participant, a later refusal does not
+    # prove that nothing happened (a participant that does not deduplicate can say no twice).
+    s["outcomeUnknown"] = bool(s.get("outcomeUnknown")) or outcome.unknown
     max_attempts = _retry(spec_step)[0]
     forward = _pivot_done(spec, _steps(st)) and _compensable(spec_step)
     if (

@@ -1,0 +1,387 @@
+"""The saga state machine, driven by a simulated participant and a virtual clock."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from accord_operator.saga.machine import Call, Outcome, decide, epoch, record
+
+UID = "uid-1"
+Behaviour = Callable[[Call], Outcome]
+
+
+def step(name: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "action": {"http": {"service": name, "path": "/do"}},
+        "compensation": {"http": {"service": name, "path": "/undo"}},
+        "retry": {"maxAttempts": 3, "backoff": {"initialSeconds": 1, "maxSeconds": 10}},
+        **extra,
+    }
+
+
+def ok(call: Call) -> Outcome:
+    return Outcome(call.step, call.kind, ok=True, output={"by": call.step})
+
+
+def refuse(*steps: str, kind: str = "action") -> Behaviour:
+    def behave(call: Call) -> Outcome:
+        if call.step in steps and call.kind == kind:
+            return Outcome(
+                call.step, call.kind, ok=False, retryable=False, error="HTTP 402 declined"
+            )
+        return ok(call)
+
+    return behave
+
+
+def flaky(failures: dict[tuple[str, str], int]) -> Behaviour:
+    """Fail (retryably) the first N attempts of (step, kind)."""
+
+    def behave(call: Call) -> Outcome:
+        if call.attempt <= failures.get((call.step, call.kind), 0):
+            return Outcome(call.step, call.kind, ok=False, retryable=True, error="HTTP 503")
+        return ok(call)
+
+    return behave
+
+
+class Sim:
+    """Drives decide/record the way the shell does, on a virtual clock."""
+
+    def __init__(self, spec: dict[str, Any], behave: Behaviour, now: float = 1_000_000.0) -> None:
+        self.spec, self.behave, self.now = spec, behave, now
+        self.status: dict[str, Any] = {}
+        self.calls: list[Call] = []
+        self.rounds: list[list[Call]] = []
+        self.events: list[tuple[str, str, str]] = []
+
+    def tick(self, **kw: Any) -> list[Call]:
+        d = decide(self.spec, self.status, uid=UID, now=self.now, **kw)
+        self.status = d.status
+        self.events += d.events
+        if d.calls:
+            self.rounds.append(d.calls)
+        for call in d.calls:
+            self.calls.append(call)
+            r = record(self.spec, self.status, self.behave(call), now=self.now, rng=lambda: 0.5)
+            self.status = r.status
+            self.events += r.events
+        if not d.calls and d.wake_at is not None:
+            self.now = max(self.now, d.wake_at)
+        return d.calls
+
+    def run(self, limit: int = 500, **kw: Any) -> dict[str, Any]:
+        for _ in range(limit):
+            self.tick(**kw)  # a terminal saga ticks too: that is how a redrive is seen
+            if self.status.get("phase") in ("Succeeded", "Compensated", "Failed"):
+                return self.status
+        raise AssertionError(f"no terminal phase: {self.status}")
+
+    def trace(self) -> list[str]:
+        return [f"{c.step}:{c.kind}" for c in self.calls]
+
+    def phases(self) -> dict[str, str]:
+        return {s["name"]: s["phase"] for s in self.status["steps"]}
+
+
+ORDER = {"steps": [step("reserve"), step("charge"), step("ship")]}
+
+
+def test_happy_path_runs_steps_in_order() -> None:
+    sim = Sim(ORDER, ok)
+    status = sim.run()
+    assert status["phase"] == "Succeeded" and status["progress"] == "3/3"
+    assert sim.trace() == ["reserve:action", "charge:action", "ship:action"]
+    assert status["steps"][0]["output"] == {"by": "reserve"}
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "True"
+
+
+def test_failure_at_step_k_compensates_k_minus_1_to_1_in_reverse() -> None:
+    spec = {"steps": [step("a"), step("b"), step("c"), step("d")]}
+    sim = Sim(spec, refuse("c"))
+    status = sim.run()
+    assert status["phase"] == "Compensated"
+    assert sim.trace() == ["a:action", "b:action", "c:action", "b:compensation", "a:compensation"]
+    assert sim.phases() == {"a": "Compensated", "b": "Compensated", "c": "Failed", "d": "Skipped"}
+    assert "step c failed: HTTP 402 declined" in status["message"]
+
+
+def test_business_refusal_is_not_retried_but_5xx_is() -> None:
+    sim = Sim(ORDER, refuse("reserve"))
+    sim.run()
+    assert sim.trace() == ["reserve:action"]
+    sim = Sim(ORDER, flaky({("charge", "action"): 2}))
+    assert sim.run()["phase"] == "Succeeded"
+    assert sim.trace().count("charge:action") == 3
+    assert sim.status["steps"][1]["attempts"] == 3
+
+
+def test_retries_wait_for_the_backoff() -> None:
+    sim = Sim(
+        {
+            "steps": [
+                step("a", retry={"maxAttempts": 3, "backoff": {"initialSeconds": 4}, "jitter": 0})
+            ]
+        },
+        flaky({("a", "action"): 1}),
+    )
+    start = sim.now
+    sim.tick()  # attempt 1 fails
+    next_at = epoch(sim.status["steps"][0]["nextAttemptAt"])
+    assert next_at == pytest.approx(start + 4)
+    assert sim.tick() == []  # nothing is due: the clock moves to the wake time
+    assert sim.now == pytest.approx(start + 4)
+    assert [c.attempt for c in sim.tick()] == [2]
+
+
+def test_exhausted_retries_fail_the_step_for_good() -> None:
+    sim = Sim(ORDER, flaky({("charge", "action"): 99}))
+    assert sim.run()["phase"] == "Compensated"
+    assert sim.trace() == ["reserve:action"] + ["charge:action"] * 3 + ["reserve:compensation"]
+
+
+def test_parallel_branches_start_together_and_join() -> None:
+    spec = {
+        "steps": [
+            step("flight", dependsOn=[]),
+            step("hotel", dependsOn=[]),
+            step("charge", dependsOn=["flight", "hotel"]),
+            step("notify"),
+        ]
+    }
+    sim = Sim(spec, ok)
+    sim.run()
+    assert [[c.step for c in r] for r in sim.rounds] == [
+        ["flight", "hotel"],
+        ["charge"],
+        ["notify"],
+    ]
+
+
+def test_completed_parallel_branches_are_compensated_in_parallel() -> None:
+    spec = {
+        "steps": [
+            step("flight", dependsOn=[]),
+            step("hotel", dependsOn=[]),
+            step("charge", dependsOn=["flight", "hotel"]),
+        ]
+    }
+    sim = Sim(spec, refuse("charge"))
+    assert sim.run()["phase"] == "Compensated"
+    assert [sorted(c.step for c in r) for r in sim.rounds][-1] == ["flight", "hotel"]
+
+
+def test_compensation_waits_for_dependents_to_be_undone() -> None:
+    spec = {
+        "steps": [
+            step("a"),
+            step("b", dependsOn=["a"]),
+            step("c", dependsOn=["a"]),
+            step("d", dependsOn=["b", "c"]),
+        ]
+    }
+    sim = Sim(spec, refuse("d"))
+    sim.run()
+    rounds = [sorted(f"{c.step}:{c.kind}" for c in r) for r in sim.rounds]
+    assert rounds[-2:] == [["b:compensation", "c:compensation"], ["a:compensation"]]
+
+
+def test_steps_after_the_pivot_are_retried_forward_never_compensated() -> None:
+    spec = {
+        "steps": [
+            step("reserve"),
+            {**step("charge", compensable=False), "compensation": None},
+            step("ship", retry={"maxAttempts": 2}),
+        ]
+    }
+    spec["steps"][1].pop("compensation")
+    sim = Sim(spec, flaky({("ship", "action"): 7}))
+    status = sim.run()
+    assert status["phase"] == "Succeeded"
+    assert sim.trace().count("ship:action") == 8  # well past maxAttempts 2
+    assert not any(c.kind == "compensation" for c in sim.calls)
+
+
+def test_refusal_after_the_pivot_needs_a_human_then_redrive_resumes() -> None:
+    spec = {"steps": [step("reserve"), step("charge", compensable=False), step("ship")]}
+    spec["steps"][1].pop("compensation")
+    behaviour = {"refuse": True}
+
+    def behave(call: Call) -> Outcome:
+        if call.step == "ship" and behaviour["refuse"]:
+            return Outcome(call.step, call.kind, ok=False, error="HTTP 400 bad address")
+        return ok(call)
+
+    sim = Sim(spec, behave)
+    status = sim.run()
+    assert status["phase"] == "Failed" and "step ship after the pivot" in status["message"]
+    assert not any(c.kind == "compensation" for c in sim.calls)
+    behaviour["refuse"] = False
+    assert sim.run(redrive="fixed-address")["phase"] == "Succeeded"
+    assert sim.status["lastRedrive"] == "fixed-address"
+    assert (
+        sim.run(redrive="fixed-address")["phase"] == "Succeeded"
+    )  # the same token does nothing twice
+
+
+def test_compensation_failing_for_good_stops_in_failed_and_redrive_finishes_it() -> None:
+    state = {"broken": True}
+
+    def behave(call: Call) -> Outcome:
+        if call.step == "b" and call.kind == "compensation" and state["broken"]:
+            return Outcome(
+                call.step, call.kind, ok=False, retryable=True, error="HTTP 500 ledger down"
+            )
+        if call.step == "c":
+            return Outcome(call.step, call.kind, ok=False, error="HTTP 409 conflict")
+        return ok(call)
+
+    sim = Sim({"steps": [step("a"), step("b"), step("c")]}, behave)
+    status = sim.run()
+    assert status["phase"] == "Failed"
+    assert "compensation of step b failed: HTTP 500 ledger down" in status["message"]
+    assert sim.phases()["b"] == "CompensationFailed" and sim.phases()["a"] == "Succeeded"
+    assert ("Warning", "Failed", status["message"]) in sim.events
+    state["broken"] = False
+    assert sim.run(redrive="1")["phase"] == "Compensated"
+    assert sim.trace()[-2:] == ["b:compensation", "a:compensation"]
+
+
+def test_saga_timeout_is_a_failure() -> None:
+    spec = {
+        "timeoutSeconds": 10,
+        "steps": [step("a"), step("b", retry={"maxAttempts": 100}), step("c")],
+    }
+    sim = Sim(spec, flaky({("b", "action"): 1000}))
+    status = sim.run()
+    assert status["phase"] == "Compensated" and "timed out after 10s" in status["message"]
+    assert sim.phases() == {"a": "Compensated", "b": "Failed", "c": "Skipped"}
+
+
+def test_restart_mid_step_resends_the_same_attempt_under_the_same_key() -> None:
+    d = decide(ORDER, {}, uid=UID, now=1000.0)
+    (first,) = d.calls
+    assert d.status["steps"][0]["inFlight"] == "action"  # written before the call is made
+    # The operator dies here. A new one reads the same status:
+    again = decide(ORDER, d.status, uid=UID, now=1005.0)
+    assert again.calls == [first]  # same step, same attempt number, same key
+
+
+def test_unknown_outcome_counts_as_completed_for_compensation() -> None:
+    def behave(call: Call) -> Outcome:
+        if call.step == "b" and call.kind == "action":
+            return Outcome("b", "action", ok=False, retryable=True, unknown=True, error="timeout")
+        if call.step == "c":
+            return Outcome("c", "action", ok=False, error="HTTP 400")
+        return ok(call)
+
+    spec = {
+        "steps": [
+            step("a", dependsOn=[]),
+            step("b", dependsOn=[], retry={"maxAttempts": 1}),
+            step("c", dependsOn=[]),
+        ]
+    }
+    sim = Sim(spec, behave)
+    sim.run()
+    assert "b:compensation" in sim.trace()  # it may have happened: undo it (idempotently)
+
+
+def test_deleting_a_running_saga_compensates_it() -> None:
+    sim = Sim(ORDER, ok)
+    sim.tick()
+    sim.tick()  # reserve and charge done
+    assert sim.run(deleting=True)["phase"] == "Compensated"
+    assert sim.trace()[-2:] == ["charge:compensation", "reserve:compensation"]
+    assert "deleted" in sim.status["message"]
+
+
+def test_a_step_without_compensation_has_nothing_to_undo() -> None:
+    spec = {"steps": [step("a"), step("b"), step("c")]}
+    spec["steps"][1].pop("compensation")
+    sim = Sim(spec, refuse("c"))
+    assert sim.run()["phase"] == "Compensated"
+    assert sim.trace() == ["a:action", "b:action", "c:action", "a:compensation"]
+
+
+def test_output_is_bounded() -> None:
+    big = {"blob": "x" * 100_000}
+    sim = Sim({"steps": [step("a")]}, lambda c: Outcome(c.step, c.kind, ok=True, output=big))
+    out = sim.run()["steps"][0]["output"]
+    assert out["truncated"] is True and out["size"] > 100_000
+
+
+# -- properties over any behaviour ----------------------------------------------------------------
+
+_outcomes = st.sampled_from(["ok", "ok", "ok", "retry", "refuse", "unknown"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    n=st.integers(2, 5),
+    parallel=st.booleans(),
+    pivot=st.one_of(st.none(), st.integers(0, 4)),
+    script=st.lists(_outcomes, min_size=1, max_size=40),
+    restarts=st.lists(st.booleans(), max_size=40),
+)
+def test_invariants_hold_for_any_participant_behaviour(
+    n: int, parallel: bool, pivot: int | None, script: list[str], restarts: list[bool]
+) -> None:
+    steps = [step(f"s{i}", **({"dependsOn": []} if parallel else {})) for i in range(n)]
+    if pivot is not None and pivot < n:
+        steps[pivot]["compensable"] = False
+        steps[pivot].pop("compensation")
+    spec = {"steps": steps}
+    done_at_participant: list[str] = []
+    undone_at_participant: list[str] = []
+    keys: dict[tuple[str, str], set[str]] = {}
+    it = iter(script)
+
+    def behave(call: Call) -> Outcome:
+        keys.setdefault((call.step, call.kind), set()).add(call.key)
+        what = next(it, "ok")
+        if call.kind == "compensation":
+            what = "ok" if what in ("refuse", "unknown") else what  # undo does not refuse here
+        if what == "ok":
+            (done_at_participant if call.kind == "action" else undone_at_participant).append(
+                call.step
+            )
+            return ok(call)
+        if what == "unknown":
+            done_at_participant.append(call.step)  # it did happen; the answer was lost
+            return Outcome(
+                call.step, call.kind, ok=False, retryable=True, unknown=True, error="timeout"
+            )
+        return Outcome(call.step, call.kind, ok=False, retryable=what == "retry", error=what)
+
+    sim = Sim(spec, behave)
+    restart = iter(restarts)
+    for _ in range(2000):
+        if sim.status.get("phase") in ("Succeeded", "Compensated", "Failed"):
+            break
+        if next(restart, False):
+            # A crash right after the write-ahead: the status says attempts are in flight.
+            d = decide(spec, sim.status, uid=UID, now=sim.now)
+            sim.status = d.status
+            continue
+        sim.tick()
+    status = sim.status
+    assert status["phase"] in ("Succeeded", "Compensated", "Failed")
+    # One key per (step, kind), ever.
+    assert all(len(v) == 1 for v in keys.values())
+    if status["phase"] == "Compensated":
+        # Everything that happened at a participant was undone, and nothing else.
+        compensable = {s["name"] for s in steps if "compensation" in s}
+        assert set(undone_at_participant) == set(done_at_participant) & compensable
+        # Never undone twice with success, never before being done.
+        assert len(undone_at_participant) == len(set(undone_at_participant))
+    if status["phase"] == "Succeeded":
+        assert undone_at_participant == []
+        assert {s["name"] for s in steps} <= set(done_at_participant)
