@@ -11,6 +11,10 @@ POST /_behave {"rules": [...]}   how to answer, first matching rule wins:
      {"path": "/slow", "delayMs": 2000}
      {"path": "/charge", "status": 402, "body": {"error": "declined"}}
 anything else                    200 with {"ok": true, "path": ..., "n": <call number>}
+
+Like any well-behaved participant it deduplicates: a call carrying an Accord-Idempotency-Key
+it has already answered (below 500) gets the same answer again, recorded with
+"replayed": true, and no rule is consulted.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ class Recorder:
         self.calls: list[dict[str, Any]] = []
         self.rules: list[dict[str, Any]] = []
         self.seen: Counter[str] = Counter()
+        self.answers: dict[str, tuple[int, Any]] = {}
 
     async def control(self, request: web.Request) -> web.Response:
         if request.method == "GET" and request.path == "/_calls":
@@ -39,6 +44,7 @@ class Recorder:
         if payload.get("reset"):
             self.calls.clear()
             self.seen.clear()
+            self.answers.clear()
         return web.json_response({"rules": self.rules})
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -57,6 +63,18 @@ class Recorder:
             "body": body,
         }
         self.calls.append(call)
+        idem = request.headers.get("Accord-Idempotency-Key")
+        if idem and idem in self.answers:
+            call["replayed"] = True
+            status, payload = self.answers[idem]
+            return web.json_response(payload, status=status)
+        response = await self._answer(request, body)
+        if idem and response.status < 500 and response.status not in (408, 409, 429):
+            assert isinstance(response.body, bytes)
+            self.answers[idem] = (response.status, json.loads(response.body))
+        return response
+
+    async def _answer(self, request: web.Request, body: Any) -> web.Response:
         # Events are counted per event id, so "fail 3" means 3 deliveries of each event.
         key = request.path
         if isinstance(body, dict) and request.path.startswith("/events/") and "id" in body:

@@ -71,6 +71,31 @@ ADMISSION_SECONDS = Histogram(
     registry=REGISTRY,
 )
 
+SAGAS = Counter(
+    "accord_sagas_total",
+    "Sagas that reached a terminal phase, by outcome.",
+    ["outcome"],
+    registry=REGISTRY,
+)
+SAGA_STEP_SECONDS = Histogram(
+    "accord_saga_step_duration_seconds",
+    "Time of one successful step call (action or compensation).",
+    ["kind"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+    registry=REGISTRY,
+)
+SAGA_RETRIES = Counter(
+    "accord_saga_step_retries_total",
+    "Failed step attempts that will be retried, by kind.",
+    ["kind"],
+    registry=REGISTRY,
+)
+SAGA_COMPENSATIONS = Counter(
+    "accord_saga_compensations_total",
+    "Step compensations completed.",
+    registry=REGISTRY,
+)
+
 
 async def _metrics(_: web.Request) -> web.Response:
     return web.Response(

@@ -17,9 +17,12 @@ from aiohttp import web
 from accord_operator import __version__, kube, metrics
 from accord_operator.injector import handlers as injector_handlers
 from accord_operator.injector.patch import Injector, supports_native_sidecars
+from accord_operator.kubeapi import KubeApi
+from accord_operator.participants import Participants
 from accord_operator.projection import handlers as projection_handlers
 from accord_operator.resources import GROUP
 from accord_operator.saga import handlers as saga_handlers
+from accord_operator.saga.runner import SagaDriver
 from accord_operator.settings import Settings
 from accord_operator.twophase import handlers as twophase_handlers
 
@@ -126,7 +129,9 @@ async def run(settings: Settings, mode: Mode = Mode.ALL, stop: asyncio.Event | N
             settings.admission.server = server
 
     server = webhook_server(settings) if mode in (Mode.ALL, Mode.WEBHOOK) else None
-    memo = kopf.Memo(injector=await make_injector(settings))
+    api = KubeApi()
+    participants = Participants(api, token=settings.participant_token)
+    memo = kopf.Memo(injector=await make_injector(settings), sagas=SagaDriver(api, participants))
     runner: web.AppRunner = await metrics.serve(settings.metrics_host, settings.metrics_port)
     logger.info(
         "mode %s; metrics and /healthz on %s:%d",
@@ -145,3 +150,5 @@ async def run(settings: Settings, mode: Mode = Mode.ALL, stop: asyncio.Event | N
         )
     finally:
         await runner.cleanup()
+        await participants.close()
+        await api.close()

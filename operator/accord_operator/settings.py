@@ -38,6 +38,7 @@ class Settings:
     webhook_cert_dir: str = ""  # holds tls.crt and tls.key; empty: a self-signed pair
     operator_namespace: str = ""  # never injected
     native_sidecars: str = "auto"  # auto (from the cluster version), true or false
+    participant_token: str = ""  # bearer token for participants' sidecars (local runs)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -55,4 +56,5 @@ class Settings:
             webhook_cert_dir=env.get("ACCORD_WEBHOOK_CERT_DIR", ""),
             operator_namespace=env.get("ACCORD_OPERATOR_NAMESPACE", env.get("POD_NAMESPACE", "")),
             native_sidecars=_choice(env, "ACCORD_NATIVE_SIDECARS", ("auto", "true", "false")),
+            participant_token=env.get("ACCORD_PARTICIPANT_TOKEN", ""),
         )

@@ -23,7 +23,6 @@ def operator(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[int]:
 @pytest.mark.parametrize(
     ("file", "kind", "name"),
     [
-        ("saga-order.yaml", "saga", "order-1001"),
         ("tpc-transfer.yaml", "tpc", "transfer-5001"),
         ("projection-orders.yaml", "proj", "orders-by-customer"),
     ],

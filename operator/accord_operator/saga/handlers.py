@@ -1,17 +1,46 @@
-"""The kopf shell for SAGA: decorators that call into the domain functions."""
+"""The kopf shell for SagaWorkflow: one daemon per saga drives it; deletion compensates."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import kopf
 
-from accord_operator.accept import accept
 from accord_operator.resources import GROUP, SAGA, VERSION
+from accord_operator.saga.runner import skip_compensation
 
 
 def register(registry: kopf.OperatorRegistry) -> None:
-    @kopf.on.create(GROUP, VERSION, SAGA.plural, id="saga-accept", registry=registry)
-    @kopf.on.update(GROUP, VERSION, SAGA.plural, field="spec", id="saga-observe", registry=registry)
-    async def saga_accept(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-        accept(SAGA, body, patch)
+    @kopf.daemon(
+        GROUP,
+        VERSION,
+        SAGA.plural,
+        id="saga-run",
+        registry=registry,
+        cancellation_timeout=30,
+        initial_delay=0,
+    )
+    async def saga_run(
+        body: kopf.Body, stopped: kopf.DaemonStopped, memo: kopf.Memo, **_: Any
+    ) -> None:
+        async def wait(seconds: float) -> bool:
+            await stopped.wait(seconds)
+            return bool(stopped)
+
+        await memo.sagas.drive(
+            body.metadata.namespace,
+            body.metadata.name,
+            wait=wait,
+            annotations=lambda: body.metadata.annotations,
+        )
+
+    @kopf.on.delete(GROUP, VERSION, SAGA.plural, id="saga-compensate-on-delete", registry=registry)
+    async def saga_delete(
+        body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any
+    ) -> None:
+        if skip_compensation(body):
+            logger.info("deleted with accord.dev/skip-compensation: not compensating")
+            return
+        phase = await memo.sagas.drive(body.metadata.namespace, body.metadata.name, deleting=True)
+        logger.info("saga deleted after reaching %s", phase)

@@ -73,13 +73,13 @@ class Inbound:
         result: Stored | None = None
         try:
             result = await self._forward(request, body)
-            # Only answers worth replaying are kept: a 5xx or a failed call must be retried.
-            if result.status < 500:
+            # Only final answers are kept: a 5xx, 408, 409 or 429 says "try again".
+            if final(result.status):
                 self.dedup.put(key, result)
             return self._respond(result), "forwarded"
         finally:
             self._in_flight.pop(key, None)
-            future.set_result(result if result is not None and result.status < 500 else None)
+            future.set_result(result if result is not None and final(result.status) else None)
 
     async def _forward(self, request: web.Request, body: bytes) -> Stored:
         headers = forward_headers(request.headers)
@@ -109,6 +109,10 @@ class Inbound:
         if replayed:
             response.headers["Accord-Replayed"] = "true"
         return response
+
+
+def final(status: int) -> bool:
+    return status < 500 and status not in (408, 409, 429)
 
 
 def _error_stored(status: int, code: str, message: str) -> Stored:

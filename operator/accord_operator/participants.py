@@ -1,0 +1,120 @@
+"""Calling participant services: resolve a Service, POST JSON, classify the answer.
+
+Shared by the saga and two-phase-commit reconcilers. Wire contract (DESIGN.md): 2xx done;
+4xx other than 408/409/429 is a business refusal (not retried); 5xx, 408, 409, 429, a
+timeout or a connection error is retried.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from accord_operator.kubeapi import ApiError, KubeApi
+
+RETRYABLE_4XX = frozenset({408, 409, 429})
+SA_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+_CACHE_TTL_S = 5.0
+
+
+@dataclass(frozen=True)
+class Answer:
+    ok: bool
+    retryable: bool
+    unknown: bool  # the request may have reached the participant
+    status: int
+    body: Any
+    error: str
+
+
+class ServiceNotFound(Exception):
+    pass
+
+
+class Participants:
+    def __init__(self, api: KubeApi, token: str = "") -> None:
+        self.api = api
+        self.token = token
+        self._session: aiohttp.ClientSession | None = None
+        self._services: dict[tuple[str, str, int], tuple[float, str]] = {}
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256))
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def base_url(self, namespace: str, service: str, port: int) -> str:
+        """ClusterIP -> name.namespace.svc:port; ExternalName -> externalName:port."""
+        key = (namespace, service, port)
+        cached = self._services.get(key)
+        if cached and time.monotonic() - cached[0] < _CACHE_TTL_S:
+            return cached[1]
+        try:
+            svc = await self.api.get(f"/api/v1/namespaces/{namespace}/services/{service}")
+        except ApiError as exc:
+            if exc.status == 404:
+                raise ServiceNotFound(f"Service {namespace}/{service} not found") from None
+            raise
+        spec = svc.get("spec") or {}
+        host = (
+            spec["externalName"]
+            if spec.get("type") == "ExternalName"
+            else f"{service}.{namespace}.svc"
+        )
+        url = f"http://{host}:{port}"
+        self._services[key] = (time.monotonic(), url)
+        return url
+
+    def _auth(self) -> dict[str, str]:
+        if self.token:
+            return {"Authorization": f"Bearer {self.token}"}
+        if SA_TOKEN.exists():
+            return {"Authorization": f"Bearer {SA_TOKEN.read_text().strip()}"}
+        return {}
+
+    async def call(
+        self,
+        url: str,
+        payload: Any,
+        headers: dict[str, str],
+        timeout_s: float,
+        method: str = "POST",
+    ) -> Answer:
+        try:
+            async with self.session.request(
+                method,
+                url,
+                data=json.dumps(payload),
+                allow_redirects=False,
+                headers={"Content-Type": "application/json", **self._auth(), **headers},
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
+            ) as r:
+                raw = await r.read()
+        except TimeoutError:
+            return Answer(False, True, True, 0, None, f"no answer within {timeout_s:g}s from {url}")
+        except aiohttp.ClientConnectorError as exc:
+            # Never connected: the request cannot have reached the participant.
+            return Answer(
+                False, True, False, 0, None, f"cannot connect to {url}: {exc.os_error or exc}"
+            )
+        except aiohttp.ClientError as exc:
+            return Answer(False, True, True, 0, None, f"{url}: {exc or type(exc).__name__}")
+        try:
+            body: Any = json.loads(raw) if raw else None
+        except (ValueError, UnicodeDecodeError):
+            body = raw.decode(errors="replace")
+        if 200 <= r.status < 300:
+            return Answer(True, False, False, r.status, body, "")
+        text = body if isinstance(body, str) else json.dumps(body)
+        retryable = r.status >= 500 or r.status in RETRYABLE_4XX
+        return Answer(False, retryable, False, r.status, body, f"HTTP {r.status}: {text[:500]}")
