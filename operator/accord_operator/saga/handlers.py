@@ -19,6 +19,7 @@ def register(registry: kopf.OperatorRegistry) -> None:
         id="saga-run",
         registry=registry,
         cancellation_timeout=30,
+        backoff=2,  # an API hiccup must not park a saga for kopf's default minute
         initial_delay=0,
     )
     async def saga_run(

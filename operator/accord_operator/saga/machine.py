@@ -421,8 +421,7 @@ def _record_compensation(
     d: Decision,
 ) -> None:
     if outcome.ok:
-        s.update(phase="Compensated", compensatedAt=iso(now))
-        s.pop("lastError", None)
+        s.update(phase="Compensated", compensatedAt=iso(now))  # lastError keeps why it was undone
         return
     s["lastError"] = outcome.error[:ERROR_LIMIT]
     if outcome.retryable and s["compensationAttempts"] < _retry(spec_step)[0]:

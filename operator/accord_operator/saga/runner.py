@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import kopf
@@ -41,19 +41,25 @@ class SagaDriver:
         *,
         deleting: bool = False,
         wait: Callable[[float], Awaitable[bool]] | None = None,
+        annotations: Callable[[], Mapping[str, str]] | None = None,
     ) -> str:
         """Run the saga until it is terminal (returns its phase) or `wait` says stop.
 
         `wait(seconds)` sleeps and returns True when the caller wants us to stop
         (kopf's daemon flag); without it the drive runs to a terminal phase.
+        `annotations()` reads them from kopf's live view of the object (no API call).
         """
         saga = await self.api.get(_path(namespace, name))
         lock = _locks.setdefault(saga["metadata"]["uid"], asyncio.Lock())
         async with lock:
-            return await self._drive(saga, deleting, wait)
+            return await self._drive(saga, deleting, wait, annotations)
 
     async def _drive(
-        self, saga: dict[str, Any], deleting: bool, wait: Callable[[float], Awaitable[bool]] | None
+        self,
+        saga: dict[str, Any],
+        deleting: bool,
+        wait: Callable[[float], Awaitable[bool]] | None,
+        annotations: Callable[[], Mapping[str, str]] | None,
     ) -> str:
         meta = saga["metadata"]
         status: dict[str, Any] = dict(saga.get("status") or {})

@@ -1,0 +1,313 @@
+"""SagaWorkflow on the real API server, with real participant processes."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.cluster import Cluster
+from tests.support.saga import SagaBed, saga_bed, step
+
+
+@pytest.fixture
+def bed(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[SagaBed]:
+    with saga_bed(cluster, namespace, tmp_path, "inventory", "payment", "shipping") as b:
+        yield b
+
+
+ORDER = [
+    step("reserve", "inventory", "reserve", "release"),
+    step("charge", "payment", "charge", "refund"),
+    step("ship", "shipping", "ship", "recall"),
+]
+
+
+def test_happy_path(bed: SagaBed) -> None:
+    bed.apply(bed.saga("order-1", ORDER, input={"orderId": "1"}))
+    saga = bed.wait("order-1", "Succeeded")
+    status = saga["status"]
+    assert (
+        status["progress"] == "3/3" and [s["phase"] for s in status["steps"]] == ["Succeeded"] * 3
+    )
+    assert status["observedGeneration"] == 1
+    assert {c["type"]: c["status"] for c in status["conditions"]} == {
+        "Ready": "True",
+        "Progressing": "False",
+        "Degraded": "False",
+    }
+    assert bed.calls("inventory") == ["reserve"] and bed.calls("shipping") == ["ship"]
+    # The wire contract: input, earlier outputs, saga/step headers and a stable key.
+    (ship,) = bed.services["shipping"].calls()
+    assert ship["body"]["input"] == {"orderId": "1"}
+    assert set(ship["body"]["outputs"]) == {"reserve", "charge"}
+    assert ship["headers"]["Accord-Saga"] == f"{bed.namespace}/order-1"
+    assert ship["headers"]["Accord-Step"] == "ship"
+    assert ship["headers"]["Accord-Idempotency-Key"] == f"{saga['metadata']['uid']}/ship/action"
+    assert status["steps"][0]["output"]["service"] == "inventory"
+    table = bed.cluster.kubectl("get", "saga", "-n", bed.namespace)
+    assert "order-1" in table and "Succeeded" in table and "3/3" in table
+    assert ("Normal", "Succeeded") in bed.events("order-1")
+
+
+def test_failure_at_payment_compensates_inventory(bed: SagaBed) -> None:
+    bed.services["payment"].behave(
+        {"path": "/charge", "status": 402, "body": {"error": "declined"}}
+    )
+    bed.apply(bed.saga("order-2", ORDER))
+    status = bed.wait("order-2", "Compensated")["status"]
+    assert bed.calls("inventory") == ["reserve", "release"]
+    assert bed.calls("payment") == ["charge"]  # a business refusal is not retried
+    assert bed.calls("shipping") == []
+    assert [s["phase"] for s in status["steps"]] == ["Compensated", "Failed", "Skipped"]
+    assert "HTTP 402" in status["steps"][1]["lastError"]
+    assert ("Warning", "Compensating") in bed.events("order-2")
+
+
+def test_failure_at_step_k_compensates_k_minus_1_to_1_in_order(bed: SagaBed) -> None:
+    steps = [step(f"s{i}", "inventory", f"do-{i}", f"undo-{i}") for i in range(1, 5)]
+    bed.services["inventory"].behave({"path": "/do-4", "status": 400})
+    bed.apply(bed.saga("long", steps))
+    bed.wait("long", "Compensated")
+    assert bed.calls("inventory") == ["do-1", "do-2", "do-3", "do-4", "undo-3", "undo-2", "undo-1"]
+
+
+def test_server_errors_are_retried_then_succeed(bed: SagaBed) -> None:
+    bed.services["payment"].behave({"path": "/charge", "fail": 2, "status": 503})
+    bed.apply(bed.saga("order-3", ORDER))
+    status = bed.wait("order-3", "Succeeded")["status"]
+    assert bed.calls("payment") == ["charge"] * 3
+    assert status["steps"][1]["attempts"] == 3
+    keys = {c["headers"]["Accord-Idempotency-Key"] for c in bed.services["payment"].calls()}
+    assert len(keys) == 1  # every retry under the same key
+
+
+def test_step_timeout_is_a_failure_and_saga_timeout_compensates(bed: SagaBed) -> None:
+    bed.services["payment"].behave({"path": "/charge", "delayMs": 3000})
+    steps = [
+        ORDER[0],
+        {
+            **ORDER[1],
+            "timeoutSeconds": 1,
+            "retry": {"maxAttempts": 2, "backoff": {"initialSeconds": 0.1}},
+        },
+        ORDER[2],
+    ]
+    bed.apply(bed.saga("slow", steps))
+    status = bed.wait("slow", "Compensated")["status"]
+    assert "no answer within 1s" in status["steps"][1]["lastError"]
+    # The charge may have happened after all (no answer is not a no): it is undone too.
+    assert bed.calls("payment")[:2] == ["charge", "charge"] and "refund" in bed.calls("payment")
+    assert bed.calls("inventory") == ["reserve", "release"]
+
+    bed.services["shipping"].behave({"path": "/ship", "status": 503})
+    steps = [
+        ORDER[0],
+        ORDER[1],
+        {**ORDER[2], "retry": {"maxAttempts": 100, "backoff": {"initialSeconds": 0.2}}},
+    ]
+    bed.services["payment"].behave()
+    bed.apply(bed.saga("deadline", steps, timeoutSeconds=3))
+    status = bed.wait("deadline", "Compensated")["status"]
+    assert "timed out after 3s" in status["message"]
+
+
+def test_parallel_branches(bed: SagaBed) -> None:
+    bed.services["inventory"].behave({"path": "/book-flight", "delayMs": 700})
+    bed.services["shipping"].behave({"path": "/book-hotel", "delayMs": 700})
+    steps = [
+        step("flight", "inventory", "book-flight", "cancel-flight", dependsOn=[]),
+        step("hotel", "shipping", "book-hotel", "cancel-hotel", dependsOn=[]),
+        step("charge", "payment", "charge", "refund", dependsOn=["flight", "hotel"]),
+    ]
+    bed.apply(bed.saga("trip", steps))
+    status = bed.wait("trip", "Succeeded")["status"]
+    flight, hotel, charge = status["steps"]
+    # Both branches were running at the same time, and the join waited for both.
+    assert flight["startedAt"] < hotel["finishedAt"] and hotel["startedAt"] < flight["finishedAt"]
+    assert charge["startedAt"] >= max(flight["finishedAt"], hotel["finishedAt"])
+
+
+def test_pivot_goes_forward(bed: SagaBed) -> None:
+    bed.services["shipping"].behave({"path": "/ship", "fail": 4, "status": 503})
+    steps = [
+        ORDER[0],
+        {
+            "name": "charge",
+            "compensable": False,
+            "action": {"http": {"service": "payment", "path": "/charge"}},
+        },
+        {
+            **ORDER[2],
+            "retry": {"maxAttempts": 2, "backoff": {"initialSeconds": 0.1, "maxSeconds": 0.2}},
+        },
+    ]
+    bed.apply(bed.saga("pivot", steps))
+    bed.wait("pivot", "Succeeded")
+    assert bed.calls("shipping") == ["ship"] * 5  # past maxAttempts: forward recovery
+    assert "release" not in bed.calls("inventory")
+
+
+def test_spec_is_immutable_once_started(bed: SagaBed) -> None:
+    saga = bed.saga("frozen", ORDER)
+    bed.apply(saga)
+    bed.wait("frozen", "Succeeded")
+    saga["spec"]["steps"][0]["action"]["http"]["path"] = "/other"
+    code, err = bed.cluster.try_apply(saga, bed.namespace)
+    assert code != 0 and "spec is immutable once the saga has started" in err
+
+
+def test_deleting_a_running_saga_compensates_first(bed: SagaBed) -> None:
+    bed.services["shipping"].behave({"path": "/ship", "status": 503})
+    steps = [
+        ORDER[0],
+        ORDER[1],
+        {**ORDER[2], "retry": {"maxAttempts": 100, "backoff": {"initialSeconds": 0.3}}},
+    ]
+    bed.apply(bed.saga("doomed", steps))
+    bed.cluster.wait_for(
+        "saga",
+        "doomed",
+        bed.namespace,
+        lambda o: (o.get("status") or {}).get("currentStep") == "ship",
+    )
+    bed.cluster.kubectl(
+        "delete", "saga", "doomed", "-n", bed.namespace, "--wait=true", "--timeout=60s"
+    )
+    assert bed.calls("inventory") == ["reserve", "release"]
+    assert bed.calls("payment") == ["charge", "refund"]
+    assert not bed.cluster.exists("saga", "doomed", bed.namespace)
+
+
+def test_delete_with_skip_compensation(bed: SagaBed) -> None:
+    bed.services["shipping"].behave({"path": "/ship", "status": 503})
+    steps = [
+        ORDER[0],
+        {**ORDER[2], "retry": {"maxAttempts": 100, "backoff": {"initialSeconds": 0.3}}},
+    ]
+    saga = bed.saga("abandoned", steps)
+    saga["metadata"]["annotations"] = {"accord.dev/skip-compensation": "true"}
+    bed.apply(saga)
+    bed.cluster.wait_for(
+        "saga",
+        "abandoned",
+        bed.namespace,
+        lambda o: (o.get("status") or {}).get("currentStep") == "ship",
+    )
+    bed.cluster.kubectl(
+        "delete", "saga", "abandoned", "-n", bed.namespace, "--wait=true", "--timeout=60s"
+    )
+    assert bed.calls("inventory") == ["reserve"]
+
+
+def test_failed_compensation_then_redrive(bed: SagaBed) -> None:
+    bed.services["inventory"].behave({"path": "/release", "status": 500})
+    bed.services["payment"].behave({"path": "/charge", "status": 402})
+    bed.apply(bed.saga("stuck", ORDER))
+    status = bed.wait("stuck", "Failed")["status"]
+    assert "compensation of step reserve failed" in status["message"]
+    assert status["steps"][0]["phase"] == "CompensationFailed"
+    assert ("Warning", "Failed") in bed.events("stuck")
+    bed.services["inventory"].behave()  # a human fixed the ledger
+    bed.cluster.kubectl(
+        "annotate", "saga", "stuck", "-n", bed.namespace, "accord.dev/redrive=ticket-42"
+    )
+    status = bed.wait("stuck", "Compensated")["status"]
+    assert bed.calls("inventory")[-1] == "release" and status["lastRedrive"] == "ticket-42"
+
+
+def test_job_step_result_comes_from_the_termination_message(bed: SagaBed) -> None:
+    """No kubelet runs here: the test plays it, moving the pod to Succeeded with a message."""
+    steps = [
+        ORDER[0],
+        {
+            "name": "render",
+            "action": {"job": {"image": "registry.local/render:1", "command": ["render"]}},
+        },
+    ]
+    bed.apply(bed.saga("with-job", steps, input={"doc": 7}))
+    pod = _wait_pod(bed, "accord.dev/saga=with-job")
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    assert json.loads(env["ACCORD_SAGA_INPUT"]) == {"doc": 7}
+    assert "reserve" in json.loads(env["ACCORD_SAGA_OUTPUTS"])
+    assert pod["metadata"]["annotations"]["accord.dev/inject"] == "true"
+    assert pod["metadata"]["ownerReferences"][0]["kind"] == "SagaWorkflow"
+    _finish_pod(bed, pod["metadata"]["name"], "Succeeded", '{"pages": 3}')
+    status = bed.wait("with-job", "Succeeded")["status"]
+    assert status["steps"][1]["output"] == {"pages": 3}
+
+
+def test_failed_job_step_is_retried_then_compensates(bed: SagaBed) -> None:
+    steps = [
+        ORDER[0],
+        {
+            "name": "render",
+            "retry": {"maxAttempts": 2, "backoff": {"initialSeconds": 0.1}},
+            "action": {"job": {"image": "registry.local/render:1"}},
+        },
+    ]
+    bed.apply(bed.saga("job-fails", steps))
+    first = _wait_pod(bed, "accord.dev/saga=job-fails")
+    _finish_pod(bed, first["metadata"]["name"], "Failed", "out of paper", exit_code=3)
+    second = _wait_pod(bed, "accord.dev/saga=job-fails", exclude={first["metadata"]["name"]})
+    _finish_pod(bed, second["metadata"]["name"], "Failed", "still no paper", exit_code=3)
+    status = bed.wait("job-fails", "Compensated")["status"]
+    assert "still no paper" in status["steps"][1]["lastError"]
+    assert bed.calls("inventory") == ["reserve", "release"]
+
+
+def _wait_pod(
+    bed: SagaBed, selector: str, exclude: set[str] | None = None, timeout: float = 60
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        items = json.loads(
+            bed.cluster.kubectl("get", "pods", "-n", bed.namespace, "-l", selector, "-o", "json")
+        )["items"]
+        items = [p for p in items if p["metadata"]["name"] not in (exclude or set())]
+        if items:
+            return items[0]  # type: ignore[no-any-return]
+        time.sleep(0.2)
+    raise AssertionError(f"no pod {selector}")
+
+
+def _finish_pod(bed: SagaBed, name: str, phase: str, message: str, exit_code: int = 0) -> None:
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    status = {
+        "status": {
+            "phase": phase,
+            "containerStatuses": [
+                {
+                    "name": "step",
+                    "ready": False,
+                    "restartCount": 0,
+                    "image": "registry.local/render:1",
+                    "imageID": "",
+                    "state": {
+                        "terminated": {
+                            "exitCode": exit_code,
+                            "reason": "Completed" if exit_code == 0 else "Error",
+                            "message": message,
+                            "startedAt": now,
+                            "finishedAt": now,
+                        }
+                    },
+                }
+            ],
+        }
+    }
+    bed.cluster.kubectl(
+        "patch",
+        "pod",
+        name,
+        "-n",
+        bed.namespace,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps(status),
+    )

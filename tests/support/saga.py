@@ -1,0 +1,117 @@
+"""A saga test bed: real participant processes behind ExternalName Services, and a real
+operator process, all in one test namespace."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.support.cluster import Cluster
+from tests.support.dataplane import Recorder
+from tests.support.operator import OperatorProcess, run_operator
+
+
+@dataclass
+class SagaBed:
+    cluster: Cluster
+    namespace: str
+    services: dict[str, Recorder]
+    operator: OperatorProcess | None = None
+    tmp: Path = field(default_factory=Path)
+
+    def saga(self, name: str, steps: list[dict[str, Any]], **spec: Any) -> dict[str, Any]:
+        """A SagaWorkflow whose http steps point at our participants' ports."""
+        steps = copy.deepcopy(steps)
+        for s in steps:
+            for kind in ("action", "compensation"):
+                http = (s.get(kind) or {}).get("http")
+                if http:
+                    http.setdefault("port", self.services[http["service"]].port)
+        return {
+            "apiVersion": "accord.dev/v1alpha1",
+            "kind": "SagaWorkflow",
+            "metadata": {"name": name},
+            "spec": {"steps": steps, **spec},
+        }
+
+    def apply(self, saga: dict[str, Any]) -> dict[str, Any]:
+        return self.cluster.apply(saga, self.namespace)
+
+    def wait(self, name: str, *phases: str, timeout: float = 90) -> dict[str, Any]:
+        return self.cluster.wait_for(
+            "saga",
+            name,
+            self.namespace,
+            lambda o: (o.get("status") or {}).get("phase") in phases,
+            timeout=timeout,
+        )
+
+    def calls(self, service: str, saga: str | None = None) -> list[str]:
+        """Paths the participant executed (replays left out), optionally for one saga."""
+        return [
+            c["path"].lstrip("/")
+            for c in self.services[service].calls()
+            if not c.get("replayed")
+            and (saga is None or c["headers"].get("Accord-Saga") == f"{self.namespace}/{saga}")
+        ]
+
+    def events(self, name: str) -> list[tuple[str, str]]:
+        items = json.loads(
+            self.cluster.kubectl(
+                "get",
+                "events",
+                "-n",
+                self.namespace,
+                "-o",
+                "json",
+                f"--field-selector=involvedObject.name={name}",
+            )
+        )["items"]
+        return [
+            (e["type"], e["reason"])
+            for e in sorted(items, key=lambda e: e.get("firstTimestamp") or "")
+        ]
+
+
+def step(
+    name: str, service: str, action: str, compensation: str | None = None, **extra: Any
+) -> dict[str, Any]:
+    s: dict[str, Any] = {
+        "name": name,
+        "action": {"http": {"service": service, "path": f"/{action}"}},
+    }
+    if compensation:
+        s["compensation"] = {"http": {"service": service, "path": f"/{compensation}"}}
+    s.setdefault("retry", {"maxAttempts": 3, "backoff": {"initialSeconds": 0.1, "maxSeconds": 0.5}})
+    s.update(extra)
+    return s
+
+
+@contextmanager
+def saga_bed(
+    cluster: Cluster, namespace: str, tmp: Path, *names: str, operator: bool = True
+) -> Iterator[SagaBed]:
+    with ExitStack() as stack:
+        services: dict[str, Recorder] = {}
+        for name in names:
+            rec = Recorder(tmp, name).start()
+            stack.callback(rec.close)
+            services[name] = rec
+            svc = {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": name},
+                "spec": {"type": "ExternalName", "externalName": "localhost"},
+            }
+            cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(svc))
+        bed = SagaBed(cluster, namespace, services, tmp=tmp)
+        if operator:
+            bed.operator = stack.enter_context(
+                run_operator(cluster, tmp, "--controller-only", "-n", namespace)
+            )
+        yield bed
