@@ -67,8 +67,10 @@ class Recorder:
         if idem and idem in self.answers:
             call["replayed"] = True
             status, payload = self.answers[idem]
+            call["status"] = status
             return web.json_response(payload, status=status)
         response = await self._answer(request, body)
+        call["status"] = response.status
         if idem and response.status < 500 and response.status not in (408, 409, 429):
             assert isinstance(response.body, bytes)
             self.answers[idem] = (response.status, json.loads(response.body))

@@ -1,0 +1,112 @@
+"""Chaos: many sagas while the operator is SIGKILLed and restarted at random moments.
+
+Every invariant is checked from the participants' own records, not from our status.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from tests.support.cluster import Cluster
+from tests.support.operator import run_operator
+from tests.support.saga import saga_bed, step
+
+SAGAS = 60
+TERMINAL = ("Succeeded", "Compensated", "Failed")
+
+
+def test_sagas_survive_operator_sigkills(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    print(f"chaos seed {seed}")
+    with saga_bed(
+        cluster, namespace, tmp_path, "inventory", "payment", "shipping", operator=False
+    ) as bed:
+        for service in bed.services.values():
+            # Slow enough that kills land mid-call; payment refuses "/charge-declined".
+            service.behave(
+                {"path": "/charge-declined", "status": 402, "body": {"error": "declined"}},
+                {"delayMs": 40},
+            )
+        expected: dict[str, str] = {}
+        for i in range(SAGAS):
+            declined = i % 3 == 0
+            name = f"order-{i}"
+            expected[name] = "Compensated" if declined else "Succeeded"
+            steps = [
+                step("reserve", "inventory", "reserve", "release"),
+                step("charge", "payment", "charge-declined" if declined else "charge", "refund"),
+                step("ship", "shipping", "ship", "recall"),
+            ]
+            bed.apply(bed.saga(name, steps, input={"order": i}))
+
+        kills = 0
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            with run_operator(cluster, tmp_path, "--controller-only", "-n", namespace) as op:
+                time.sleep(rng.uniform(0.3, 2.5))
+                if _phases(cluster, namespace, expected) and kills >= 5:
+                    break
+                assert op.proc is not None
+                op.proc.kill()  # SIGKILL: no cleanup, no final status write
+                op.proc.wait()
+                kills += 1
+        # One last, undisturbed operator finishes whatever is left.
+        with run_operator(cluster, tmp_path, "--controller-only", "-n", namespace):
+            end = time.monotonic() + 120
+            while not _phases(cluster, namespace, expected) and time.monotonic() < end:
+                time.sleep(0.5)
+        phases = _phases(cluster, namespace, expected, all_phases=True)
+        assert kills >= 5
+        assert phases == expected, {k: v for k, v in phases.items() if expected[k] != v}
+
+        sagas = {
+            s["metadata"]["name"]: s
+            for s in json.loads(cluster.kubectl("get", "saga", "-n", namespace, "-o", "json"))[
+                "items"
+            ]
+        }
+        _check_participant_records(bed.services, sagas, expected, namespace)
+
+
+def _phases(
+    cluster: Cluster, namespace: str, expected: dict[str, str], all_phases: bool = False
+) -> Any:
+    items = json.loads(cluster.kubectl("get", "saga", "-n", namespace, "-o", "json"))["items"]
+    phases = {s["metadata"]["name"]: (s.get("status") or {}).get("phase") for s in items}
+    if all_phases:
+        return phases
+    return len(phases) == len(expected) and all(p in TERMINAL for p in phases.values())
+
+
+def _check_participant_records(
+    services: dict[str, Any], sagas: dict[str, Any], expected: dict[str, str], namespace: str
+) -> None:
+    keys: dict[tuple[str, str], set[str]] = defaultdict(set)  # (saga, path) -> keys seen
+    done: dict[str, list[str]] = defaultdict(list)  # saga -> paths that executed with 2xx
+    for service in services.values():
+        for call in service.calls():
+            saga = call["headers"]["Accord-Saga"].split("/", 1)[1]
+            keys[(saga, call["path"])].add(call["headers"]["Accord-Idempotency-Key"])
+            if not call.get("replayed") and 200 <= call["status"] < 300:
+                done[saga].append(call["path"].lstrip("/"))
+
+    # No action is ever delivered under two different keys, and the key is the stable one.
+    for (saga, path), seen in keys.items():
+        assert len(seen) == 1, (saga, path, seen)
+        uid = sagas[saga]["metadata"]["uid"]
+        assert next(iter(seen)).startswith(f"{uid}/"), (saga, seen)
+
+    for saga, outcome in expected.items():
+        executed = done[saga]
+        assert len(executed) == len(set(executed)), f"{saga} executed something twice: {executed}"
+        if outcome == "Succeeded":
+            assert sorted(executed) == ["charge", "reserve", "ship"], (saga, executed)
+        else:
+            # Compensations ran exactly for the steps that completed, in reverse order.
+            assert executed == ["reserve", "release"], (saga, executed)
