@@ -63,6 +63,7 @@ class SagaDriver:
     ) -> str:
         meta = saga["metadata"]
         status: dict[str, Any] = dict(saga.get("status") or {})
+        written = status
         while True:
             redrive = (meta.get("annotations") or {}).get(REDRIVE)
             d = decide(
@@ -74,7 +75,12 @@ class SagaDriver:
                 deleting=deleting,
                 redrive=redrive,
             )
-            status = await self._write(saga, status, d)
+            # One write per round: the outcomes of the last calls together with the
+            # write-ahead of the next ones. Nothing is called before it is stored.
+            status = self._account(saga, status, d)
+            if status != written:
+                await self._patch(saga, status)
+                written = status
             if d.calls:
                 outcomes = await asyncio.gather(
                     *(self._timed(call, saga, status) for call in d.calls)
@@ -87,8 +93,7 @@ class SagaDriver:
                         now=time.time(),
                         generation=int(meta.get("generation", 1)),
                     )
-                    status = await self._write(saga, status, r, write=False)
-                status = await self._write(saga, status, Decision(status), force=True)
+                    status = self._account(saga, status, r)
                 continue
             phase = str(status.get("phase"))
             if phase in TERMINAL and (wait is None or deleting):
@@ -116,32 +121,26 @@ class SagaDriver:
             metrics.SAGA_STEP_SECONDS.labels(call.kind).observe(time.perf_counter() - started)
         return outcome
 
-    async def _write(
-        self,
-        saga: dict[str, Any],
-        old: dict[str, Any],
-        d: Decision,
-        write: bool = True,
-        force: bool = False,
-    ) -> dict[str, Any]:
-        new = d.status
+    def _account(self, saga: dict[str, Any], old: dict[str, Any], d: Decision) -> dict[str, Any]:
+        """Events and metrics for what changed between two statuses."""
         for kind, reason, message in d.events:
             kopf.event(saga, type=kind, reason=reason, message=message)
-        _count(old, new)
-        if (write and new != old) or force:
-            meta = saga["metadata"]
-            try:
-                await self.api.request(
-                    "PATCH",
-                    _path(meta["namespace"], meta["name"]) + "/status",
-                    [{"op": "add", "path": "/status", "value": new}],
-                    content_type="application/json-patch+json",
-                )
-            except ApiError as exc:
-                if exc.status == 404:
-                    raise kopf.PermanentError("the saga is gone") from None
-                raise
-        return new
+        _count(old, d.status)
+        return d.status
+
+    async def _patch(self, saga: dict[str, Any], status: dict[str, Any]) -> None:
+        meta = saga["metadata"]
+        try:
+            await self.api.request(
+                "PATCH",
+                _path(meta["namespace"], meta["name"]) + "/status",
+                [{"op": "add", "path": "/status", "value": status}],
+                content_type="application/json-patch+json",
+            )
+        except ApiError as exc:
+            if exc.status == 404:
+                raise kopf.PermanentError("the saga is gone") from None
+            raise
 
 
 def _count(old: dict[str, Any], new: dict[str, Any]) -> None:
