@@ -15,19 +15,66 @@ import threading
 import time
 from pathlib import Path
 
+import yaml
+
 from accord_operator.envtest import ControlPlane
 from accord_operator.envtest.controlplane import free_port
 from accord_operator.envtest.crds import install_crds
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMESPACE = "accord-demo"
+# The parallel-booking example is left out: its job step needs a kubelet to run a pod.
 EXAMPLES = [
     "saga-order.yaml",
     "saga-order-fails-at-payment.yaml",
-    "saga-parallel-booking.yaml",
     "tpc-transfer.yaml",
     "projection-orders.yaml",
 ]
+SHOP = ("inventory", "payment", "shipping")
+
+
+def start_shop(cp: ControlPlane, tmp: Path) -> tuple[dict[str, int], list[subprocess.Popen[bytes]]]:
+    """The sample participants as local processes, reached through ExternalName Services."""
+    ports: dict[str, int] = {}
+    procs = []
+    for role in SHOP:
+        ports[role] = free_port()
+        with open(tmp / f"{role}.log", "wb") as log:
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        str(ROOT / "examples" / "services" / "shop.py"),
+                        "--role",
+                        role,
+                        "--port",
+                        str(ports[role]),
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+        service = {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": role},
+            "spec": {"type": "ExternalName", "externalName": "localhost"},
+        }
+        cp.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps(service))
+    return ports, procs
+
+
+def manifest(name: str, ports: dict[str, int]) -> str:
+    """An example as JSON, its saga steps pointed at the local participants' ports
+    (in a cluster they would use the default, the participant sidecar's port 3501)."""
+    doc = yaml.safe_load((ROOT / "examples" / name).read_text())
+    steps = doc.get("spec", {}).get("steps", []) if doc["kind"] == "SagaWorkflow" else []
+    for saga_step in steps:
+        for kind in ("action", "compensation"):
+            http = (saga_step.get(kind) or {}).get("http")
+            if http and http["service"] in ports:
+                http["port"] = ports[http["service"]]
+    return json.dumps(doc)
 
 
 def step(text: str) -> None:
@@ -72,13 +119,15 @@ def main() -> int:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
+        step("starting the sample participants (inventory, payment, shipping)")
+        ports, shop = start_shop(cp, cp.dir)
         try:
             step("applying the examples")
             for name in EXAMPLES:
                 print(
                     "    "
                     + cp.kubectl(
-                        "apply", "-n", NAMESPACE, "-f", str(ROOT / "examples" / name)
+                        "apply", "-n", NAMESPACE, "-f", "-", input=manifest(name, ports)
                     ).stdout.strip()
                 )
             deadline = time.monotonic() + 60
@@ -86,7 +135,14 @@ def main() -> int:
                 items = json.loads(
                     cp.kubectl("get", "accord", "-n", NAMESPACE, "-o", "json").stdout
                 )["items"]
-                if items and all((i.get("status") or {}).get("phase") for i in items):
+                phases = {
+                    i["metadata"]["name"]: (i.get("status") or {}).get("phase") for i in items
+                }
+                settled = (
+                    phases.get("order-1001") == "Succeeded"
+                    and phases.get("order-1002") == "Compensated"
+                )
+                if len(phases) == len(EXAMPLES) and all(phases.values()) and settled:
                     break
                 if operator.poll() is not None:
                     print(log_path.read_text(), file=sys.stderr)
@@ -95,6 +151,26 @@ def main() -> int:
 
             step(f"kubectl get accord -n {NAMESPACE}")
             print(cp.kubectl("get", "accord", "-n", NAMESPACE).stdout)
+            step(
+                "the declined order compensated: kubectl get events --field-selector "
+                "involvedObject.name=order-1002"
+            )
+            print(
+                cp.kubectl(
+                    "get",
+                    "events",
+                    "-n",
+                    NAMESPACE,
+                    "--sort-by=.lastTimestamp",
+                    "--field-selector=involvedObject.name=order-1002",
+                    "-o",
+                    "custom-columns=TYPE:.type,REASON:.reason,MESSAGE:.message",
+                ).stdout
+            )
+            step("what the participants did")
+            for role in SHOP:
+                for line in (cp.dir / f"{role}.log").read_text().splitlines():
+                    print(f"    {line}")
             if not args.once:
                 print(
                     f"The cluster stays up. In another shell:\n"
@@ -108,6 +184,8 @@ def main() -> int:
                 stop.wait()
         finally:
             step("stopping")
+            for proc in shop:
+                proc.terminate()
             operator.send_signal(signal.SIGTERM)
             try:
                 operator.wait(timeout=30)

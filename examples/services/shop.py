@@ -1,0 +1,80 @@
+"""Sample participant services for the saga demo: inventory, payment, shipping.
+
+    python examples/services/shop.py --role payment --port 8082
+
+Each speaks the saga wire contract (POST JSON {"input", "outputs"}; 2xx = done, JSON body
+= the step's output) and deduplicates by Accord-Idempotency-Key, as participants must.
+Payment declines orders over 1,000.00 (amountCents > 100000) with a 402: a business
+refusal, which makes the saga compensate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from typing import Any
+
+from aiohttp import web
+
+DECLINE_ABOVE_CENTS = 100_000
+
+
+def answer(
+    role: str, path: str, body: dict[str, Any], ids: itertools.count[int]
+) -> tuple[int, dict[str, Any]]:
+    order = (body.get("input") or {}).get("orderId", "?")
+    if role == "payment" and path == "/charge":
+        amount = int((body.get("input") or {}).get("amountCents", 0))
+        if amount > DECLINE_ABOVE_CENTS:
+            return 402, {
+                "error": f"card declined for order {order}: {amount / 100:.2f} is over the limit"
+            }
+        return 200, {"chargeId": f"ch_{next(ids)}", "amountCents": amount}
+    results = {
+        ("inventory", "/reserve"): lambda: {"reservationId": f"rsv_{next(ids)}", "order": order},
+        ("inventory", "/release"): lambda: {"released": True, "order": order},
+        ("payment", "/refund"): lambda: {"refunded": True, "order": order},
+        ("shipping", "/ship"): lambda: {"tracking": f"TRK{next(ids):06d}", "order": order},
+        ("shipping", "/recall"): lambda: {"recalled": True, "order": order},
+    }
+    make = results.get((role, path))
+    if make is None:
+        return 200, {"ok": True, "role": role, "path": path}
+    return 200, make()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument(
+        "--role", required=True, choices=["inventory", "payment", "shipping", "generic"]
+    )
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    ids = itertools.count(1)
+    done: dict[str, tuple[int, dict[str, Any]]] = {}
+
+    async def handle(request: web.Request) -> web.Response:
+        key = request.headers.get("Accord-Idempotency-Key")
+        if key and key in done:
+            status, payload = done[key]
+            return web.json_response(payload, status=status, headers={"Accord-Replayed": "true"})
+        try:
+            body = json.loads(await request.read() or b"{}")
+        except ValueError:
+            return web.json_response({"error": "body is not JSON"}, status=400)
+        status, payload = answer(
+            args.role, request.path, body if isinstance(body, dict) else {}, ids
+        )
+        if key:
+            done[key] = (status, payload)
+        print(f"{args.role}: {request.path} -> {status} {json.dumps(payload)}", flush=True)
+        return web.json_response(payload, status=status)
+
+    app = web.Application()
+    app.router.add_route("*", "/{path:.*}", handle)
+    web.run_app(app, host="127.0.0.1", port=args.port, print=None, access_log=None)
+
+
+if __name__ == "__main__":
+    main()
