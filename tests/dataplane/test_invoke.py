@@ -153,3 +153,21 @@ def test_unknown_service_outside_a_cluster_is_a_404(spawn: Callable[..., Any]) -
     assert status == 404 and body["error"]["code"] == "unknown_service"
     status, body, _ = request("GET", f"{sidecar.api}/v1/invoke/Not_A_Name/x")
     assert status == 400 and body["error"]["code"] == "invalid_service"
+
+
+def test_policy_per_target_overrides_the_defaults(spawn: Callable[..., Any]) -> None:
+    inventory: Recorder = spawn(Recorder, "inventory")
+    payment: Recorder = spawn(Recorder, "payment")
+    for r in (inventory, payment):
+        r.behave({"path": "/x", "status": 503})
+    sidecar: Sidecar = spawn(
+        Sidecar,
+        "caller",
+        ACCORD_SERVICES=f"inventory=127.0.0.1:{inventory.port},payment=127.0.0.1:{payment.port}",
+        ACCORD_RETRY_MAX_ATTEMPTS="3",
+        ACCORD_RETRY_INITIAL_MS="1",
+        ACCORD_TARGETS='{"payment": {"maxAttempts": 1}}',
+    )
+    request("GET", f"{sidecar.api}/v1/invoke/inventory/x")
+    request("GET", f"{sidecar.api}/v1/invoke/payment/x")
+    assert len(inventory.calls("/x")) == 3 and len(payment.calls("/x")) == 1

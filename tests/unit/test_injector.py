@@ -371,3 +371,12 @@ def test_parse_defaults() -> None:
     c = parse({})
     assert (c.ports.http, c.ports.inbound, c.ports.admin) == (3500, 3501, 9090)
     assert c.app_port is None and c.native is None and c.log_level == "info"
+
+
+def test_target_policies_annotation_is_checked_and_passed_on() -> None:
+    policies = '{"payment": {"timeoutMs": 500}}'
+    out = inject(pod({"accord.dev/target-policies": policies}))
+    env = {e["name"]: e.get("value") for e in out["spec"]["initContainers"][0]["env"]}
+    assert env["ACCORD_TARGETS"] == policies
+    with pytest.raises(AnnotationError, match="target-policies"):
+        build_patch(pod({"accord.dev/target-policies": "[1]"}), NATIVE)

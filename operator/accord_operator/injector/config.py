@@ -71,6 +71,7 @@ class SidecarConfig:
     retry_max_ms: int | None = None
     timeout_ms: int | None = None
     native: bool | None = None  # None: decided from the cluster version
+    target_policies: str | None = None  # JSON, checked here, passed as ACCORD_TARGETS
     resources: dict[str, dict[str, str]] = field(
         default_factory=lambda: {
             "requests": {"cpu": "50m", "memory": "64Mi"},
@@ -150,7 +151,19 @@ def parse(annotations: Mapping[str, str]) -> SidecarConfig:
     if retry_initial is not None and retry_max is not None and retry_max < retry_initial:
         raise AnnotationError(f"{PREFIX}retry-max-ms must be at least {PREFIX}retry-initial-ms")
 
+    target_policies = annotations.get(PREFIX + "target-policies")
+    if target_policies is not None:
+        try:
+            parsed = json.loads(target_policies)
+        except ValueError as exc:
+            raise AnnotationError(f"{PREFIX}target-policies is not JSON: {exc}") from None
+        if not isinstance(parsed, dict) or not all(isinstance(v, dict) for v in parsed.values()):
+            raise AnnotationError(
+                f"{PREFIX}target-policies must map service names to policy objects"
+            )
+
     return SidecarConfig(
+        target_policies=target_policies,
         ports=ports,
         app_port=app_port,
         subscribe=subscribe,

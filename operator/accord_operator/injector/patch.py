@@ -98,6 +98,7 @@ def sidecar_container(injector: Injector, config: SidecarConfig, *, native: bool
         "ACCORD_RETRY_INITIAL_MS": config.retry_initial_ms,
         "ACCORD_RETRY_MAX_MS": config.retry_max_ms,
         "ACCORD_TIMEOUT_MS": config.timeout_ms,
+        "ACCORD_TARGETS": config.target_policies,
     }
     env += [{"name": k, "value": str(v)} for k, v in optional.items() if v is not None]
 

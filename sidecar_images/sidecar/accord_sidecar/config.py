@@ -3,6 +3,7 @@ unchanged in a pod (where the injector writes these) and on a laptop or in tests
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -43,6 +44,47 @@ def _services(raw: str) -> dict[str, str]:
     return out
 
 
+# Per-target overrides: ACCORD_TARGETS='{"payment": {"timeoutMs": 500, "maxAttempts": 5}}'
+TARGET_FIELDS: dict[str, tuple[int, int]] = {
+    "timeoutMs": (1, 3_600_000),
+    "maxAttempts": (1, 100),
+    "initialMs": (0, 3_600_000),
+    "maxMs": (0, 3_600_000),
+    "breakerFailures": (1, 10_000),
+    "breakerCooldownMs": (1, 3_600_000),
+    "retryBudgetPercent": (0, 1000),
+}
+
+
+def _targets(raw: str) -> dict[str, dict[str, int]]:
+    if not raw.strip():
+        return {}
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise ConfigError(f"ACCORD_TARGETS is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("ACCORD_TARGETS must be a JSON object of service -> policy")
+    out: dict[str, dict[str, int]] = {}
+    for service, policy in data.items():
+        if not isinstance(policy, dict):
+            raise ConfigError(f"ACCORD_TARGETS.{service} must be an object")
+        checked: dict[str, int] = {}
+        for key, value in policy.items():
+            if key not in TARGET_FIELDS:
+                raise ConfigError(
+                    f"ACCORD_TARGETS.{service}.{key} is not one of {', '.join(TARGET_FIELDS)}"
+                )
+            lo, hi = TARGET_FIELDS[key]
+            if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+                raise ConfigError(
+                    f"ACCORD_TARGETS.{service}.{key} must be an integer from {lo} to {hi}"
+                )
+            checked[key] = value
+        out[service] = checked
+    return out
+
+
 @dataclass(frozen=True)
 class RetryDefaults:
     max_attempts: int = 3
@@ -73,6 +115,7 @@ class Config:
     breaker_failures: int = 5
     breaker_cooldown_ms: int = 5_000
     services: dict[str, str] = field(default_factory=dict)
+    targets: dict[str, dict[str, int]] = field(default_factory=dict)
     max_body_bytes: int = 1 << 20
     data_dir: str = ""
     dedup_max_entries: int = 10_000
@@ -141,6 +184,7 @@ class Config:
             breaker_failures=_int(env, "ACCORD_BREAKER_FAILURES", 5, 1, 10_000),
             breaker_cooldown_ms=_int(env, "ACCORD_BREAKER_COOLDOWN_MS", 5_000, 1, 3_600_000),
             services=_services(env.get("ACCORD_SERVICES", "")),
+            targets=_targets(env.get("ACCORD_TARGETS", "")),
             max_body_bytes=_int(env, "ACCORD_MAX_BODY_BYTES", 1 << 20, 1, 1 << 30),
             data_dir=env.get("ACCORD_DATA_DIR", ""),
             dedup_max_entries=_int(env, "ACCORD_DEDUP_MAX_ENTRIES", 10_000, 1, 10_000_000),

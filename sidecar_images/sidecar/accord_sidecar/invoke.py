@@ -87,17 +87,22 @@ class Invoker:
     def target(self, service: str) -> Target:
         t = self.targets.get(service)
         if t is None:
-            r = self.config.retry
+            c, r = self.config, self.config.retry
+            o = c.targets.get(service) or c.targets.get(service.partition(":")[0]) or {}
             t = Target(
                 name=service,
                 breaker=CircuitBreaker(
-                    self.config.breaker_failures, self.config.breaker_cooldown_ms / 1000
+                    o.get("breakerFailures", c.breaker_failures),
+                    o.get("breakerCooldownMs", c.breaker_cooldown_ms) / 1000,
                 ),
-                budget=RetryBudget(self.config.retry_budget_percent),
+                budget=RetryBudget(o.get("retryBudgetPercent", c.retry_budget_percent)),
                 policy=RetryPolicy(
-                    r.max_attempts, r.initial_ms / 1000, r.max_ms / 1000, r.exponential
+                    o.get("maxAttempts", r.max_attempts),
+                    o.get("initialMs", r.initial_ms) / 1000,
+                    o.get("maxMs", r.max_ms) / 1000,
+                    r.exponential,
                 ),
-                timeout_s=self.config.timeout_ms / 1000,
+                timeout_s=o.get("timeoutMs", c.timeout_ms) / 1000,
             )
             self.targets[service] = t
         return t
