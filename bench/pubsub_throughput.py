@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import aiohttp
@@ -33,15 +34,33 @@ def count(port: int) -> int:
         return unique
 
 
-async def publish(url: str, n: int, publishers: int) -> float:
+async def publish(url: str, n: int, publishers: int, batch: int) -> float:
     queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(n):
+    for i in range(0, n, batch):
         queue.put_nowait(i)
 
     async def worker(session: aiohttp.ClientSession) -> None:
         while not queue.empty():
             i = queue.get_nowait()
-            async with session.post(url, json={"order": i}) as r:
+            if batch == 1:
+                request = session.post(url, json={"order": i})
+            else:
+                events = [
+                    {
+                        "specversion": "1.0",
+                        "id": str(uuid.uuid4()),
+                        "source": "/bench",
+                        "type": "bench",
+                        "data": {"order": j},
+                    }
+                    for j in range(i, min(n, i + batch))
+                ]
+                request = session.post(
+                    url,
+                    data=json.dumps(events),
+                    headers={"Content-Type": "application/cloudevents-batch+json"},
+                )
+            async with request as r:
                 assert r.status == 200, await r.text()
                 await r.read()
 
@@ -57,6 +76,12 @@ def main() -> int:
     parser.add_argument("--publishers", type=int, default=64, help="concurrent publish requests")
     parser.add_argument(
         "--concurrency", type=int, default=64, help="subscriber deliveries in flight"
+    )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        help="events per publish (CloudEvents batch) and per delivery (ACCORD_BULK_MAX)",
     )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_dir:
@@ -79,12 +104,13 @@ def main() -> int:
             ACCORD_SUBSCRIBE="bench",
             ACCORD_APP_PORT=str(sink_port),
             ACCORD_CONCURRENCY=str(args.concurrency),
+            ACCORD_BULK_MAX=str(args.batch),
             ACCORD_LOG_LEVEL="warning",
         ).start()
         try:
             started = time.perf_counter()
             publish_s = asyncio.run(
-                publish(f"{pub.api}/v1/publish/bench", args.events, args.publishers)
+                publish(f"{pub.api}/v1/publish/bench", args.events, args.publishers, args.batch)
             )
             deadline = time.monotonic() + 300
             while count(sink_port) < args.events and time.monotonic() < deadline:
@@ -95,7 +121,7 @@ def main() -> int:
             for p in (sub, pub, sink, nats):
                 p.close()
     print(
-        f"events: {args.events}, publishers: {args.publishers}, subscriber concurrency: {args.concurrency}"
+        f"events: {args.events}, publishers: {args.publishers}, subscriber concurrency: {args.concurrency}, batch: {args.batch}"
     )
     print(f"publish (acked by JetStream): {args.events / publish_s:,.0f} events/s")
     print(

@@ -238,3 +238,64 @@ def test_nats_restart_mid_stream_reconnects_and_loses_nothing(
     wait_until(lambda: set(_delivered_ids(app)) >= set(acked), timeout=60, message="events lost")
     status, body, _ = request("GET", f"http://127.0.0.1:{subscriber.admin_port}/readyz")
     assert status == 200, body
+
+
+def test_batch_publish_and_bulk_delivery_with_per_event_answers(
+    spawn: Callable[..., Any], nats: NatsServer
+) -> None:
+    app: Recorder = spawn(Recorder, "projector")
+    # First delivery: e2 asks to be retried, e3 is dropped, e4 is not answered for.
+    app.behave(
+        {
+            "path": "/events/orders",
+            "fail": 1,
+            "reply": {
+                "statuses": [
+                    {"id": "e1", "status": "SUCCESS"},
+                    {"id": "e2", "status": "RETRY"},
+                    {"id": "e3", "status": "DROP"},
+                    {"id": "e5", "status": "SUCCESS"},
+                ]
+            },
+        }
+    )
+    publisher = _publisher(spawn, nats)
+    _subscriber(spawn, nats, app, ACCORD_BULK_MAX="10")
+    batch = [
+        {
+            "specversion": "1.0",
+            "id": f"e{i}",
+            "source": "/shop",
+            "type": "order.placed",
+            "data": {"n": i},
+        }
+        for i in range(1, 6)
+    ]
+    status, body, _ = request(
+        "POST",
+        f"{publisher.api}/v1/publish/orders",
+        data=json.dumps(batch).encode(),
+        headers={"Content-Type": "application/cloudevents-batch+json"},
+    )
+    assert status == 200 and [r["id"] for r in body["results"]] == ["e1", "e2", "e3", "e4", "e5"]
+    def again() -> list[str]:
+        return sorted(e["id"] for c in app.calls("/events/orders")[1:] for e in c["body"])
+
+    wait_until(lambda: again() == ["e2", "e4"])
+    first = app.calls("/events/orders")[0]
+    assert first["headers"]["Content-Type"] == "application/cloudevents-batch+json"
+    assert [e["id"] for e in first["body"]] == ["e1", "e2", "e3", "e4", "e5"]
+    time.sleep(0.5)
+    assert again() == ["e2", "e4"]  # only what was not done, once each
+
+    bad = [
+        {"specversion": "1.0", "id": "x", "source": "/s", "type": "t"},
+        {"specversion": "1.0", "id": ""},
+    ]
+    status, body, _ = request(
+        "POST",
+        f"{publisher.api}/v1/publish/orders",
+        data=json.dumps(bad).encode(),
+        headers={"Content-Type": "application/cloudevents-batch+json"},
+    )
+    assert status == 400 and "[1].id" in body["error"]["message"]

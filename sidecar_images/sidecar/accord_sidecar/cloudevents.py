@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 STRUCTURED = "application/cloudevents+json"
+BATCH = "application/cloudevents-batch+json"
 _REQUIRED = ("id", "source", "type")
 
 
@@ -41,12 +42,7 @@ def envelope(topic: str, body: bytes, headers: Mapping[str, str], *, source: str
             event = json.loads(body or b"null")
         except (ValueError, UnicodeDecodeError) as exc:
             raise EnvelopeError(f"body is not JSON: {exc}") from None
-        if not isinstance(event, dict):
-            raise EnvelopeError("a structured CloudEvent must be a JSON object")
-        _check(event, "")
-        event.setdefault("time", _now())
-        event["topic"] = topic
-        return event
+        return structured(topic, event, "")
 
     if "ce-specversion" in lower:
         event = {k[3:]: v for k, v in lower.items() if k.startswith("ce-") and len(k) > 3}
@@ -68,6 +64,28 @@ def envelope(topic: str, body: bytes, headers: Mapping[str, str], *, source: str
     }
     event.update(_data(body, content_type))
     return event
+
+
+def structured(topic: str, event: Any, where: str) -> dict[str, Any]:
+    if not isinstance(event, dict):
+        raise EnvelopeError(f"{where}a structured CloudEvent must be a JSON object")
+    _check(event, where)
+    event.setdefault("time", _now())
+    event["topic"] = topic
+    return event
+
+
+def batch(topic: str, body: bytes, limit: int) -> list[dict[str, Any]]:
+    """A CloudEvents batch (JSON array of structured events); errors name the index."""
+    try:
+        events = json.loads(body or b"null")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise EnvelopeError(f"body is not JSON: {exc}") from None
+    if not isinstance(events, list) or not events:
+        raise EnvelopeError("a CloudEvents batch must be a non-empty JSON array")
+    if len(events) > limit:
+        raise EnvelopeError(f"a batch holds at most {limit} events, not {len(events)}")
+    return [structured(topic, e, f"[{i}].") for i, e in enumerate(events)]
 
 
 def _data(body: bytes, content_type: str) -> dict[str, Any]:

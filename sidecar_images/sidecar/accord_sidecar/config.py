@@ -107,6 +107,7 @@ class Config:
     subscribe: tuple[str, ...] = ()
     max_deliveries: int = 5
     concurrency: int = 1  # per subscription; 1 keeps delivery ordered per subject
+    bulk_max: int = 1  # >1: deliver up to this many events in one POST (CloudEvents batch)
     redelivery_initial_ms: int = 200
     redelivery_max_ms: int = 10_000
     retry: RetryDefaults = RetryDefaults()
@@ -171,6 +172,7 @@ class Config:
             subscribe=subscribe,
             max_deliveries=_int(env, "ACCORD_MAX_DELIVERIES", 5, 1, 1000),
             concurrency=_int(env, "ACCORD_CONCURRENCY", 1, 1, 1000),
+            bulk_max=_int(env, "ACCORD_BULK_MAX", 1, 1, 1000),
             redelivery_initial_ms=_int(env, "ACCORD_REDELIVERY_INITIAL_MS", 200, 0, 3_600_000),
             redelivery_max_ms=_int(env, "ACCORD_REDELIVERY_MAX_MS", 10_000, 0, 3_600_000),
             retry=RetryDefaults(
