@@ -278,6 +278,7 @@ def test_batch_publish_and_bulk_delivery_with_per_event_answers(
         headers={"Content-Type": "application/cloudevents-batch+json"},
     )
     assert status == 200 and [r["id"] for r in body["results"]] == ["e1", "e2", "e3", "e4", "e5"]
+
     def again() -> list[str]:
         return sorted(e["id"] for c in app.calls("/events/orders")[1:] for e in c["body"])
 

@@ -72,6 +72,9 @@ class SidecarConfig:
     timeout_ms: int | None = None
     native: bool | None = None  # None: decided from the cluster version
     target_policies: str | None = None  # JSON, checked here, passed as ACCORD_TARGETS
+    subscribe_concurrency: int | None = None
+    subscribe_bulk: int | None = None
+    max_deliveries: int | None = None
     resources: dict[str, dict[str, str]] = field(
         default_factory=lambda: {
             "requests": {"cpu": "50m", "memory": "64Mi"},
@@ -164,6 +167,9 @@ def parse(annotations: Mapping[str, str]) -> SidecarConfig:
 
     return SidecarConfig(
         target_policies=target_policies,
+        subscribe_concurrency=_int(annotations, "subscribe-concurrency", 1, 1000),
+        subscribe_bulk=_int(annotations, "subscribe-bulk", 1, 1000),
+        max_deliveries=_int(annotations, "max-deliveries", 1, 1000),
         ports=ports,
         app_port=app_port,
         subscribe=subscribe,

@@ -99,6 +99,9 @@ def sidecar_container(injector: Injector, config: SidecarConfig, *, native: bool
         "ACCORD_RETRY_MAX_MS": config.retry_max_ms,
         "ACCORD_TIMEOUT_MS": config.timeout_ms,
         "ACCORD_TARGETS": config.target_policies,
+        "ACCORD_CONCURRENCY": config.subscribe_concurrency,
+        "ACCORD_BULK_MAX": config.subscribe_bulk,
+        "ACCORD_MAX_DELIVERIES": config.max_deliveries,
     }
     env += [{"name": k, "value": str(v)} for k, v in optional.items() if v is not None]
 
