@@ -72,3 +72,16 @@ def find_binaries(build: bool = True) -> Binaries:
     if found is None:
         raise RuntimeError("hack/build-binaries.sh finished but the cache is incomplete")
     return found
+
+
+def find_helm(build: bool = True) -> Path:
+    """helm: PATH, then the cache, else built from the release pinned in hack/helm/go.mod."""
+    found = shutil.which("helm")
+    if found:
+        return Path(found)
+    cached = cache_dir() / "helm"
+    if not cached.exists() and build:
+        subprocess.run([str(HACK / "build-binaries.sh")], check=True, stdout=subprocess.DEVNULL)
+    if not cached.exists():
+        raise RuntimeError(f"helm not found; run {HACK / 'build-binaries.sh'}")
+    return cached

@@ -1,0 +1,26 @@
+{{- define "accord.name" -}}{{ .Release.Name }}{{- end -}}
+{{- define "accord.labels" -}}
+app.kubernetes.io/name: accord
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+{{- define "accord.image" -}}{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}{{- end -}}
+{{- define "accord.webhookService" -}}{{ include "accord.name" . }}-webhook{{- end -}}
+{{- define "accord.certSecret" -}}{{ include "accord.name" . }}-webhook-tls{{- end -}}
+{{- define "accord.env" -}}
+- name: ACCORD_SIDECAR_IMAGE
+  value: {{ .Values.sidecar.image | quote }}
+- name: ACCORD_NATIVE_SIDECARS
+  value: {{ .Values.sidecar.nativeSidecars | quote }}
+- name: ACCORD_NATS_URL
+  value: {{ .Values.nats.url | quote }}
+- name: ACCORD_NAMESPACES
+  value: {{ join "," .Values.watchNamespaces | quote }}
+- name: ACCORD_METRICS_PORT
+  value: {{ .Values.metrics.port | quote }}
+- name: ACCORD_OPERATOR_NAMESPACE
+  valueFrom:
+    fieldRef: {fieldPath: metadata.namespace}
+{{- end -}}
