@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from accord_operator.envtest import ControlPlane  # noqa: E402
+from accord_operator.envtest import ControlPlane, local_service  # noqa: E402
 from accord_operator.envtest.controlplane import free_port  # noqa: E402
 from tests.support.cluster import Cluster  # noqa: E402
 from tests.support.dataplane import Process, _wait_port  # noqa: E402
@@ -60,13 +60,7 @@ def main() -> int:
             assert sink.proc is not None
             _wait_port(port, sink.proc, sink.log)
             sinks.append((name, port, sink))
-            svc = {
-                "apiVersion": "v1",
-                "kind": "Service",
-                "metadata": {"name": name},
-                "spec": {"type": "ExternalName", "externalName": "localhost"},
-            }
-            cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(svc))
+            cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(local_service(name)))
         steps = [
             {
                 "name": f"step-{name}",

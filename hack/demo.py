@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from accord_operator.envtest import ControlPlane
+from accord_operator.envtest import ControlPlane, local_service
 from accord_operator.envtest.controlplane import free_port
 from accord_operator.envtest.crds import install_crds
 
@@ -54,13 +54,7 @@ def start_shop(cp: ControlPlane, tmp: Path) -> tuple[dict[str, int], list[subpro
                     stderr=subprocess.STDOUT,
                 )
             )
-        service = {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": {"name": role},
-            "spec": {"type": "ExternalName", "externalName": "localhost"},
-        }
-        cp.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps(service))
+        cp.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps(local_service(role)))
     return ports, procs
 
 

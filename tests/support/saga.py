@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from accord_operator.envtest import local_service
 from tests.support.cluster import Cluster
 from tests.support.dataplane import Recorder
 from tests.support.operator import OperatorProcess, run_operator
@@ -102,13 +103,9 @@ def saga_bed(
             rec = Recorder(tmp, name).start()
             stack.callback(rec.close)
             services[name] = rec
-            svc = {
-                "apiVersion": "v1",
-                "kind": "Service",
-                "metadata": {"name": name},
-                "spec": {"type": "ExternalName", "externalName": "localhost"},
-            }
-            cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(svc))
+            cluster.kubectl(
+                "apply", "-n", namespace, "-f", "-", input=json.dumps(local_service(name))
+            )
         bed = SagaBed(cluster, namespace, services, tmp=tmp)
         if operator:
             bed.operator = stack.enter_context(

@@ -7,4 +7,15 @@ outside the repo, or are built from pinned releases; everything listens on loopb
 from accord_operator.envtest.binaries import Binaries, find_binaries
 from accord_operator.envtest.controlplane import ControlPlane
 
-__all__ = ["Binaries", "ControlPlane", "find_binaries"]
+
+def local_service(name: str) -> dict[str, object]:
+    """A Service that resolves to this machine: how local runs reach participant processes."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name},
+        "spec": {"type": "ExternalName", "externalName": "localhost"},
+    }
+
+
+__all__ = ["Binaries", "ControlPlane", "find_binaries", "local_service"]

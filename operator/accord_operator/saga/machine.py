@@ -41,6 +41,12 @@ TERMINAL = ("Succeeded", "Compensated", "Failed")
 OUTPUT_LIMIT = 16 * 1024
 ERROR_LIMIT = 4000
 COMPLETED = ("Succeeded", "Compensating", "Compensated", "CompensationFailed")
+# Each condition and the phases in which it is True.
+CONDITIONS = (
+    ("Ready", ("Succeeded",)),
+    ("Progressing", ("Pending", "Running", "Compensating")),
+    ("Degraded", ("Compensating", "Compensated", "Failed")),
+)
 
 
 @dataclass(frozen=True)
@@ -464,32 +470,15 @@ def _finish(d: Decision, spec: Spec, generation: int, now: float) -> Decision:
     conditions: list[Condition] = list(st.get("conditions") or [])
     t = iso(now)
     message = st.get("message", "") or phase
-    conditions = set_condition(
-        conditions,
-        type="Ready",
-        status="True" if phase == "Succeeded" else "False",
-        reason=phase,
-        message=message,
-        generation=generation,
-        now=t,
-    )
-    conditions = set_condition(
-        conditions,
-        type="Progressing",
-        status="True" if phase in ("Pending", "Running", "Compensating") else "False",
-        reason=phase,
-        message=message,
-        generation=generation,
-        now=t,
-    )
-    conditions = set_condition(
-        conditions,
-        type="Degraded",
-        status="True" if phase in ("Compensating", "Compensated", "Failed") else "False",
-        reason=phase,
-        message=message,
-        generation=generation,
-        now=t,
-    )
+    for type_, true_in in CONDITIONS:
+        conditions = set_condition(
+            conditions,
+            type=type_,
+            status="True" if phase in true_in else "False",
+            reason=phase,
+            message=message,
+            generation=generation,
+            now=t,
+        )
     st["conditions"] = conditions
     return d
