@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import ssl
 import statistics
@@ -100,6 +101,12 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--pods", type=int, default=100)
     parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="webhook-only operator processes sharing the port (SO_REUSEPORT)",
+    )
+    parser.add_argument(
         "--sequential",
         action="store_true",
         help="create the pods one after another instead (for comparison)",
@@ -112,7 +119,18 @@ def main() -> int:
         cluster.kubectl("label", "namespace", ns, "accord.dev/injection=enabled")
         # The namespace's default ServiceAccount comes from the controller manager.
         cluster.kubectl("wait", "--for=create", "serviceaccount/default", "-n", ns, "--timeout=60s")
-        with run_operator(cluster, Path(tmp), "--webhook-only") as op:
+        with contextlib.ExitStack() as stack:
+            op = stack.enter_context(run_operator(cluster, Path(tmp), "--webhook-only"))
+            replicas = [op] + [
+                stack.enter_context(
+                    run_operator(cluster, Path(tmp), "--webhook-only", share_webhook_with=op)
+                )
+                for _ in range(args.replicas - 1)
+            ]
+
+            def ours_text() -> str:
+                return "\n".join(r.metrics() for r in replicas)
+
             config = webhook_configuration(
                 "accord-bench", ns, port=op.webhook_port, ca_pem=op.ca_pem
             )
@@ -122,7 +140,7 @@ def main() -> int:
             # Round 1 opens the API server's connection pool to the webhook (TLS handshakes);
             # round 2 is the steady state of a cluster that has been creating pods.
             for round_no in (1, 2):
-                ours_before = histogram(op.metrics(), "accord_admission_duration_seconds")
+                ours_before = histogram(ours_text(), "accord_admission_duration_seconds")
                 api_before = histogram(
                     cluster.kubectl("get", "--raw", "/metrics"), api_metric, "accord.dev"
                 )
@@ -135,7 +153,7 @@ def main() -> int:
                     client = asyncio.run(create_pods(cp, ns, round_no * 10_000, args.pods))
                 wall = time.perf_counter() - started
                 ours = delta(
-                    histogram(op.metrics(), "accord_admission_duration_seconds"), ours_before
+                    histogram(ours_text(), "accord_admission_duration_seconds"), ours_before
                 )
                 api = delta(
                     histogram(
@@ -160,6 +178,7 @@ def report(
 ) -> None:
     client.sort()
     how = "one after another" if args.sequential else "concurrently"
+    how += f", {args.replicas} webhook replica(s)"
     label = "cold connection pool" if round_no == 1 else "warm connection pool"
     print(
         f"round {round_no} ({label}): pods created {how}: {args.pods} "

@@ -62,15 +62,27 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: floa
 
 @contextmanager
 def run_operator(
-    cluster: Cluster, tmp: Path, *args: str, env: dict[str, str] | None = None
+    cluster: Cluster,
+    tmp: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    share_webhook_with: OperatorProcess | None = None,
 ) -> Iterator[OperatorProcess]:
-    """`accord-operator run ARGS` with a certificate made here; stopped with SIGTERM."""
-    ca = CertificateAuthority("accord-test-webhook-ca")
+    """`accord-operator run ARGS` with a certificate made here; stopped with SIGTERM.
+
+    share_webhook_with: another replica's port and certificate (SO_REUSEPORT: the kernel
+    spreads connections over the replicas, as a Service spreads them over pods).
+    """
     certs = tmp / "webhook-certs"
-    certs.mkdir(exist_ok=True)
-    ca.issue("accord-webhook", hosts=("127.0.0.1",), server=True).write(certs, "tls")
-    metrics_port, webhook_port = free_port(), free_port()
-    log = tmp / "operator.log"
+    metrics_port = free_port()
+    if share_webhook_with is None:
+        ca = CertificateAuthority("accord-test-webhook-ca")
+        certs.mkdir(exist_ok=True)
+        ca.issue("accord-webhook", hosts=("127.0.0.1",), server=True).write(certs, "tls")
+        webhook_port, ca_pem = free_port(), ca.cert_pem
+    else:
+        webhook_port, ca_pem = share_webhook_with.webhook_port, share_webhook_with.ca_pem
+    log = tmp / f"operator-{metrics_port}.log" if share_webhook_with else tmp / "operator.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [
@@ -93,7 +105,7 @@ def run_operator(
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    op = OperatorProcess(proc, metrics_port, webhook_port, ca.cert_pem, log)
+    op = OperatorProcess(proc, metrics_port, webhook_port, ca_pem, log)
     try:
         _wait_http(f"http://127.0.0.1:{metrics_port}/healthz", proc, log)
         yield op
