@@ -149,18 +149,21 @@ def main() -> int:
                 "the declined order compensated: kubectl get events --field-selector "
                 "involvedObject.name=order-1002"
             )
-            print(
+            events = json.loads(
                 cp.kubectl(
                     "get",
                     "events",
                     "-n",
                     NAMESPACE,
-                    "--sort-by=.lastTimestamp",
-                    "--field-selector=involvedObject.name=order-1002",
                     "-o",
-                    "custom-columns=TYPE:.type,REASON:.reason,MESSAGE:.message",
+                    "json",
+                    "--field-selector=involvedObject.name=order-1002",
                 ).stdout
-            )
+            )["items"]
+            # Timestamps have one-second resolution; resourceVersion orders them exactly.
+            print(f"    {'TYPE':<9} {'REASON':<14} MESSAGE")
+            for e in sorted(events, key=lambda e: int(e["metadata"]["resourceVersion"])):
+                print(f"    {e['type']:<9} {e['reason']:<14} {e['message']}")
             step("what the participants did")
             for role in SHOP:
                 for line in (cp.dir / f"{role}.log").read_text().splitlines():

@@ -26,7 +26,8 @@ def _docker_works() -> str | None:
         return "no docker CLI on PATH"
     result = subprocess.run(["docker", "info"], capture_output=True, text=True, timeout=30)
     if result.returncode != 0:
-        return f"no Docker engine reachable ({result.stderr.strip().splitlines()[-1:]})"
+        lines = result.stderr.strip().splitlines()
+        return f"no Docker engine reachable ({lines[-1] if lines else 'docker info failed'})"
     return None
 
 
