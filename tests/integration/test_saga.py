@@ -311,3 +311,13 @@ def _finish_pod(bed: SagaBed, name: str, phase: str, message: str, exit_code: in
         "-p",
         json.dumps(status),
     )
+
+
+def test_saga_metrics(bed: SagaBed) -> None:
+    bed.services["payment"].behave({"path": "/charge", "fail": 1, "status": 503})
+    bed.apply(bed.saga("counted", ORDER))
+    bed.wait("counted", "Succeeded")
+    assert bed.operator is not None
+    assert bed.operator.metric("accord_sagas_total", outcome="Succeeded") == 1
+    assert bed.operator.metric("accord_saga_step_retries_total", kind="action") == 1
+    assert bed.operator.metric("accord_saga_step_duration_seconds_count", kind="action") == 3
