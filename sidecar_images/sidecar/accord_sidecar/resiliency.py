@@ -34,7 +34,7 @@ class RetryPolicy:
         """
         if not self.exponential:
             return min(self.initial_s, self.max_s)
-        cap = min(self.max_s, self.initial_s * (2 ** (attempt - 1)))
+        cap: float = min(self.max_s, self.initial_s * 2.0 ** (attempt - 1))
         return rng() * cap
 
 
