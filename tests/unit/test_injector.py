@@ -383,3 +383,23 @@ def test_target_policies_annotation_is_checked_and_passed_on() -> None:
     assert env["ACCORD_TARGETS"] == policies
     with pytest.raises(AnnotationError, match="target-policies"):
         build_patch(pod({"accord.dev/target-policies": "[1]"}), NATIVE)
+
+
+@pytest.mark.parametrize(
+    ("meta", "expected"),
+    [
+        ({"labels": {"app.kubernetes.io/name": "orders"}, "name": "x"}, "orders"),
+        ({"labels": {"app": "web"}}, "web"),
+        ({"generateName": "orders-api-7d9f8c6b5-"}, "orders-api"),
+        ({"generateName": "nightly-report-"}, "nightly-report"),
+        ({"name": "my-app-x"}, "my-app-x"),
+    ],
+)
+def test_app_id_names_every_replica_alike(meta: dict[str, Any], expected: str) -> None:
+    from accord_operator.injector.patch import app_id
+
+    assert app_id({"metadata": meta}) == expected
+    p = pod()
+    p["metadata"] = {**meta, "annotations": {}}
+    env = {e["name"]: e.get("value") for e in inject(p)["spec"]["initContainers"][0]["env"]}
+    assert env["ACCORD_APP_ID"] == expected

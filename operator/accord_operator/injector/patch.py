@@ -76,9 +76,28 @@ def _escape(key: str) -> str:
     return key.replace("~", "~0").replace("/", "~1")
 
 
-def sidecar_container(injector: Injector, config: SidecarConfig, *, native: bool) -> dict[str, Any]:
+def app_id(pod: Pod) -> str:
+    """The app's name: durable subscriptions and event sources are named after it, so every
+    replica of a Deployment shares one consumer."""
+    meta = pod.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    for key in ("app.kubernetes.io/name", "app"):
+        if labels.get(key):
+            return str(labels[key])
+    generate = str(meta.get("generateName") or "").rstrip("-")
+    if generate:
+        # A Deployment's pods are "<deployment>-<hash>-": drop the ReplicaSet hash.
+        head, _, tail = generate.rpartition("-")
+        return head if head and tail.isalnum() and len(tail) in (9, 10) else generate
+    return str(meta.get("name") or "app")
+
+
+def sidecar_container(
+    injector: Injector, config: SidecarConfig, *, native: bool, app: str = "app"
+) -> dict[str, Any]:
     ports = config.ports
     env: list[dict[str, Any]] = [
+        {"name": "ACCORD_APP_ID", "value": app},
         {"name": "ACCORD_HTTP_PORT", "value": str(ports.http)},
         {"name": "ACCORD_INBOUND_PORT", "value": str(ports.inbound)},
         {"name": "ACCORD_ADMIN_PORT", "value": str(ports.admin)},
@@ -201,7 +220,7 @@ def build_patch(pod: Pod, injector: Injector) -> JsonPatch:
                     {"op": "add", "path": f"/spec/{group}/{i}/env/-", "value": e} for e in wanted
                 ]
 
-    sidecar = sidecar_container(injector, config, native=native)
+    sidecar = sidecar_container(injector, config, native=native, app=app_id(pod))
     if native:
         # First init container: it is up before any other init container or app starts.
         if spec.get("initContainers"):
