@@ -100,7 +100,7 @@ def main() -> int:
                         for s in sagas
                     ):
                         break
-                    time.sleep(0.5)
+                    time.sleep(2)  # polling 200 sagas loads the API server we measure
                 assert op.proc is not None
                 rss = peak_rss_mib(op.proc.pid)
         finally:
