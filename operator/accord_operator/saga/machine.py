@@ -158,6 +158,18 @@ def _start_attempt(
     )
 
 
+def _continue(
+    s: dict[str, Any], kind: Kind, spec_step: Mapping[str, Any], uid: str, now: float, d: Decision
+) -> None:
+    """A step already under way: re-send an attempt in flight, start a due retry, or wait."""
+    if s.get("inFlight"):
+        d.calls.append(_start_attempt(s, kind, now, uid, spec_step, resend=True))
+    elif epoch(s["nextAttemptAt"]) <= now:
+        d.calls.append(_start_attempt(s, kind, now, uid, spec_step, resend=False))
+    else:
+        d.wake_at = min(d.wake_at or float("inf"), epoch(s["nextAttemptAt"]))
+
+
 def decide(
     spec: Spec,
     status: Mapping[str, Any],
@@ -254,12 +266,7 @@ def _run(
     for spec_step in spec["steps"]:
         s = steps[spec_step["name"]]
         if s["phase"] == "Running":
-            if s.get("inFlight"):
-                d.calls.append(_start_attempt(s, "action", now, uid, spec_step, resend=True))
-            elif epoch(s["nextAttemptAt"]) <= now:
-                d.calls.append(_start_attempt(s, "action", now, uid, spec_step, resend=False))
-            else:
-                d.wake_at = min(d.wake_at or float("inf"), epoch(s["nextAttemptAt"]))
+            _continue(s, "action", spec_step, uid, now, d)
         elif s["phase"] == "Pending" and all(
             steps[x]["phase"] == "Succeeded" for x in deps[s["name"]]
         ):
@@ -299,12 +306,7 @@ def _compensate(
     for spec_step in reversed(spec["steps"]):
         s = steps[spec_step["name"]]
         if s["phase"] == "Compensating":
-            if s.get("inFlight"):
-                d.calls.append(_start_attempt(s, "compensation", now, uid, spec_step, resend=True))
-            elif epoch(s["nextAttemptAt"]) <= now:
-                d.calls.append(_start_attempt(s, "compensation", now, uid, spec_step, resend=False))
-            else:
-                d.wake_at = min(d.wake_at or float("inf"), epoch(s["nextAttemptAt"]))
+            _continue(s, "compensation", spec_step, uid, now, d)
         elif _needs_undo(s) and all(undone(x) for x in dependents[s["name"]]):
             if not spec_step.get("compensation"):
                 s.update(phase="Compensated", compensatedAt=iso(now))  # nothing to undo
