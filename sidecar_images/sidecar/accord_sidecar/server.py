@@ -39,7 +39,7 @@ class Sidecar:
     # -- the three apps ----------------------------------------------------------------------
     def _app_api(self, invoker: Invoker, publisher: Publisher) -> web.Application:
         app = web.Application(middlewares=[never_crash], client_max_size=self.config.max_body_bytes)
-        app.router.add_route("*", "/v1/invoke/{service}/{path:.*}", invoker.handle)
+        app.router.add_route("*", r"/v1/invoke/{service}/{path:[\s\S]*}", invoker.handle)
         app.router.add_post("/v1/publish/{topic}", publisher.handle)
 
         async def shutdown(_: web.Request) -> web.Response:
@@ -52,7 +52,7 @@ class Sidecar:
 
     def _inbound(self, inbound: Inbound) -> web.Application:
         app = web.Application(middlewares=[never_crash], client_max_size=self.config.max_body_bytes)
-        app.router.add_route("*", "/{path:.*}", inbound.handle)
+        app.router.add_route("*", r"/{path:[\s\S]*}", inbound.handle)
         return app
 
     def _admin(self) -> web.Application:
