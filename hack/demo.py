@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from accord_operator.envtest import ControlPlane, local_service
-from accord_operator.envtest.controlplane import free_port
+from accord_operator.envtest.controlplane import die_with_parent, free_port
 from accord_operator.envtest.crds import install_crds
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +52,7 @@ def start_shop(cp: ControlPlane, tmp: Path) -> tuple[dict[str, int], list[subpro
                     ],
                     stdout=log,
                     stderr=subprocess.STDOUT,
+                    preexec_fn=die_with_parent,
                 )
             )
         cp.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps(local_service(role)))
@@ -108,8 +109,11 @@ def main() -> int:
                     NAMESPACE,
                     "--metrics-port",
                     str(metrics_port),
+                    "--webhook-port",
+                    str(free_port()),
                 ],
                 env={**cp.env(), "ACCORD_METRICS_HOST": "127.0.0.1"},
+                preexec_fn=die_with_parent,
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
@@ -180,7 +184,8 @@ def main() -> int:
                 )
                 stop.wait()
         finally:
-            step("stopping")
+            # Stop the children before printing anything: a closed stdout must not leave
+            # them running.
             for proc in shop:
                 proc.terminate()
             operator.send_signal(signal.SIGTERM)
@@ -188,6 +193,7 @@ def main() -> int:
                 operator.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 operator.kill()
+            step("stopping")
     print("    stopped; nothing left running", flush=True)
     return 0
 

@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from accord_operator.envtest.controlplane import free_port
+from accord_operator.envtest.controlplane import die_with_parent, free_port
 from tests.support.cluster import REPO
 
 RECORDER = REPO / "examples" / "services" / "recorder.py"
@@ -50,6 +50,7 @@ class Process:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **(self.env or {})},
+                preexec_fn=die_with_parent,  # an interrupted test run leaves nothing behind
             )
         return self
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from accord_operator.envtest.certs import CertificateAuthority
-from accord_operator.envtest.controlplane import free_port
+from accord_operator.envtest.controlplane import die_with_parent, free_port
 from tests.support.cluster import Cluster
 
 
@@ -104,6 +104,7 @@ def run_operator(
             },
             stdout=out,
             stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,  # an interrupted test run leaves no operator behind
         )
     op = OperatorProcess(proc, metrics_port, webhook_port, ca_pem, log)
     try:

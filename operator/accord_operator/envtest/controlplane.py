@@ -37,7 +37,7 @@ def free_port() -> int:
         return port
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     # Runs in the child between fork and exec: if the test runner dies without stopping
     # us, the kernel kills the control plane instead of leaving it orphaned. SIGKILL, not
     # SIGTERM: a throwaway cluster has nothing to flush, and kube-apiserver's graceful
@@ -238,7 +238,7 @@ class ControlPlane:
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
             start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop them in order
         )
         log.close()
