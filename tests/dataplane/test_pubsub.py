@@ -180,9 +180,9 @@ def test_subscriber_sigkilled_mid_stream_loses_no_event(
     spawn: Callable[..., Any], nats: NatsServer
 ) -> None:
     app: Recorder = spawn(Recorder, "projector")
-    app.behave({"path": "/events/orders", "delayMs": 5})
+    app.behave({"path": "/events/orders", "delayMs": 40})  # 300 events take >= 3 s
     publisher = _publisher(spawn, nats)
-    subscriber = _subscriber(spawn, nats, app, ACCORD_CONCURRENCY="4")
+    subscriber = _subscriber(spawn, nats, app, ACCORD_CONCURRENCY="4", ACCORD_TIMEOUT_MS="1000")
     ids = [_publish(publisher, "orders", {"n": i})[1]["id"] for i in range(300)]
     wait_until(lambda: len(_delivered_ids(app)) >= 50)
     subscriber.kill()  # SIGKILL: no chance to ack what is in flight
@@ -260,7 +260,6 @@ def test_batch_publish_and_bulk_delivery_with_per_event_answers(
         }
     )
     publisher = _publisher(spawn, nats)
-    _subscriber(spawn, nats, app, ACCORD_BULK_MAX="10")
     batch = [
         {
             "specversion": "1.0",
@@ -278,6 +277,8 @@ def test_batch_publish_and_bulk_delivery_with_per_event_answers(
         headers={"Content-Type": "application/cloudevents-batch+json"},
     )
     assert status == 200 and [r["id"] for r in body["results"]] == ["e1", "e2", "e3", "e4", "e5"]
+    # Subscribe only now, so that the first fetch finds all five on the stream.
+    _subscriber(spawn, nats, app, ACCORD_BULK_MAX="10")
 
     def again() -> list[str]:
         return sorted(e["id"] for c in app.calls("/events/orders")[1:] for e in c["body"])

@@ -129,7 +129,11 @@ class Subscriber:
             try:
                 if self._sub is None:
                     self._sub = await self.broker.pull(
-                        self.topic, durable, self.config.concurrency * bulk
+                        self.topic,
+                        durable,
+                        self.config.concurrency * bulk,
+                        # A delivery outlives this only if the app hangs past its timeout.
+                        ack_wait_s=self.config.timeout_ms / 1000 + 5,
                     )
                 free = self.config.concurrency - len(self.in_flight)
                 if free <= 0:

@@ -116,7 +116,11 @@ class Broker:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.5)
 
-    async def pull(self, topic: str, durable: str, max_ack_pending: int) -> Any:
+    async def pull(
+        self, topic: str, durable: str, max_ack_pending: int, ack_wait_s: float = 30
+    ) -> Any:
+        """A durable pull consumer. ack_wait_s: how long an unacked event (its sidecar died
+        mid-delivery) waits before JetStream delivers it again."""
         assert self.js is not None
         return await self.js.pull_subscribe(
             subject(topic),
@@ -126,7 +130,7 @@ class Broker:
                 ack_policy=api.AckPolicy.EXPLICIT,
                 deliver_policy=api.DeliverPolicy.ALL,
                 max_ack_pending=max_ack_pending,
-                ack_wait=30,
+                ack_wait=ack_wait_s,
                 max_deliver=-1,  # the sidecar dead-letters itself, with the failure reason
             ),
         )
