@@ -20,6 +20,7 @@ from accord_operator.kubeapi import ApiError, KubeApi
 RETRYABLE_4XX = frozenset({408, 409, 429})
 SA_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
 _CACHE_TTL_S = 5.0
+_TOKEN_TTL_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ class Participants:
         self.token = token
         self._session: aiohttp.ClientSession | None = None
         self._services: dict[tuple[str, str, int], tuple[float, str]] = {}
+        self._sa_token = ""
+        self._sa_read_at = float("-inf")
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -78,9 +81,12 @@ class Participants:
     def _auth(self) -> dict[str, str]:
         if self.token:
             return {"Authorization": f"Bearer {self.token}"}
-        if SA_TOKEN.exists():
-            return {"Authorization": f"Bearer {SA_TOKEN.read_text().strip()}"}
-        return {}
+        # The kubelet rotates the projected token file; re-reading it once a minute is
+        # plenty, and keeps a file read off every participant call.
+        if time.monotonic() - self._sa_read_at > _TOKEN_TTL_S:
+            self._sa_token = SA_TOKEN.read_text().strip() if SA_TOKEN.exists() else ""
+            self._sa_read_at = time.monotonic()
+        return {"Authorization": f"Bearer {self._sa_token}"} if self._sa_token else {}
 
     async def call(
         self,

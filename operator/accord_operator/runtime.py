@@ -14,7 +14,7 @@ from typing import Any
 import kopf
 from aiohttp import web
 
-from accord_operator import __version__, kube, metrics
+from accord_operator import __version__, metrics
 from accord_operator.injector import handlers as injector_handlers
 from accord_operator.injector.patch import Injector, supports_native_sidecars
 from accord_operator.kubeapi import KubeApi
@@ -103,9 +103,9 @@ def webhook_server(settings: Settings) -> kopf.WebhookServer:
     )
 
 
-async def make_injector(settings: Settings) -> Injector:
+async def make_injector(settings: Settings, api: KubeApi) -> Injector:
     if settings.native_sidecars == "auto":
-        version = await asyncio.to_thread(kube.server_version)
+        version = str((await api.get("/version"))["gitVersion"])
         native = supports_native_sidecars(version)
         logger.info("cluster %s: native sidecars %s", version, "on" if native else "off")
     else:
@@ -131,7 +131,9 @@ async def run(settings: Settings, mode: Mode = Mode.ALL, stop: asyncio.Event | N
     server = webhook_server(settings) if mode in (Mode.ALL, Mode.WEBHOOK) else None
     api = KubeApi()
     participants = Participants(api, token=settings.participant_token)
-    memo = kopf.Memo(injector=await make_injector(settings), sagas=SagaDriver(api, participants))
+    memo = kopf.Memo(
+        injector=await make_injector(settings, api), api=api, sagas=SagaDriver(api, participants)
+    )
     runner: web.AppRunner = await metrics.serve(settings.metrics_host, settings.metrics_port)
     logger.info(
         "mode %s; metrics and /healthz on %s:%d",

@@ -39,4 +39,4 @@ def register_controllers(registry: kopf.OperatorRegistry) -> None:
     async def detect_miss(
         body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any
     ) -> None:
-        await misses.check(body, memo.injector, logger)
+        await misses.check(body, memo.injector, memo.api, logger)

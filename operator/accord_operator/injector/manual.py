@@ -9,7 +9,7 @@ from typing import Any
 
 import jsonpatch
 
-from accord_operator.injector.patch import Injector, build_patch, decide, has_sidecar
+from accord_operator.injector.patch import Injector, build_patch, decide
 
 # Where each kind keeps its pod template.
 TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {
@@ -37,8 +37,6 @@ def inject_object(obj: dict[str, Any], injector: Injector) -> dict[str, Any]:
     pod: dict[str, Any] = out
     for key in path:
         pod = pod.setdefault(key, {})
-    if has_sidecar(pod):
-        return out
     namespace = (obj.get("metadata") or {}).get("namespace", "default")
     decision = decide(
         pod,
