@@ -26,6 +26,8 @@ go_directive="$(awk '/^go /{print $2; exit}' "$modfile")"
 rm -f "$here/go.sum"
 cd "$here"
 go get -tool "k8s.io/kubernetes/cmd/kube-apiserver@${version}" "k8s.io/kubernetes/cmd/kubectl@${version}" \
-  "k8s.io/kubernetes/cmd/kube-controller-manager@${version}"
+  "k8s.io/kubernetes/cmd/kube-controller-manager@${version}" \
+  "k8s.io/kubernetes/cmd/kubelet@${version}" "k8s.io/kubernetes/cmd/kube-proxy@${version}" \
+  "k8s.io/kubernetes/cmd/kube-scheduler@${version}"
 go mod tidy
 echo "pinned Kubernetes ${version} in $here/go.mod"

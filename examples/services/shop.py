@@ -49,6 +49,8 @@ def main() -> None:
     parser.add_argument(
         "--role", required=True, choices=["inventory", "payment", "shipping", "generic"]
     )
+    # Loopback: behind its sidecar, only the sidecar reaches the app.
+    parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
     ids = itertools.count(1)
@@ -73,7 +75,7 @@ def main() -> None:
 
     app = web.Application()
     app.router.add_route("*", "/{path:.*}", handle)
-    web.run_app(app, host="127.0.0.1", port=args.port, print=None, access_log=None)
+    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
 
 
 if __name__ == "__main__":

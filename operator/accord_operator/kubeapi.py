@@ -19,6 +19,21 @@ class ApiError(Exception):
         self.body = body
 
 
+def bearer_header(cfg: client.Configuration) -> dict[str, str]:
+    """The Authorization header the kubernetes client itself would send.
+
+    Asked through auth_settings(), not a key of api_key: the client renamed that key
+    ("authorization" until v35, "BearerToken" since v36), and reading the old name sent no
+    token at all in a cluster, so every request ran as system:anonymous.
+    """
+    # In a cluster the token file rotates; the refresh hook re-reads it when due.
+    if cfg.refresh_api_key_hook is not None:
+        cfg.refresh_api_key_hook(cfg)
+    setting = cfg.auth_settings().get("BearerToken") or {}
+    value = setting.get("value")
+    return {"Authorization": str(value)} if value else {}
+
+
 class KubeApi:
     def __init__(self) -> None:
         cfg = client.Configuration()
@@ -42,12 +57,7 @@ class KubeApi:
         self._session: aiohttp.ClientSession | None = None
 
     def _headers(self) -> dict[str, str]:
-        token = self._cfg.get_api_key_with_prefix("authorization") or ""
-        # In a cluster the token file rotates; the kubernetes client refreshes it for us.
-        if self._cfg.refresh_api_key_hook is not None:
-            self._cfg.refresh_api_key_hook(self._cfg)
-            token = self._cfg.get_api_key_with_prefix("authorization") or ""
-        return {"Authorization": token} if token else {}
+        return bearer_header(self._cfg)
 
     @property
     def session(self) -> aiohttp.ClientSession:

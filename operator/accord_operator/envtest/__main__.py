@@ -1,6 +1,8 @@
 """python -m accord_operator.envtest: run a local control plane until Ctrl-C.
 
-Prints the kubeconfig path; with --crds, installs the CRDs and waits until Established.
+Prints the kubeconfig path; with --crds, installs the CRDs and waits until Established;
+with --node, adds a real node (kubelet, containerd, CNI, kube-proxy, scheduler, DNS) and
+imports Accord's images built by hack/build-images.sh.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ from pathlib import Path
 from accord_operator.envtest.binaries import find_binaries
 from accord_operator.envtest.controlplane import ControlPlane
 from accord_operator.envtest.crds import install_crds
+from accord_operator.envtest.node import LocalCluster
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m accord_operator.envtest")
     parser.add_argument("--crds", type=Path, help="install the CRDs in this directory")
     parser.add_argument("--kubeconfig-out", type=Path, help="also copy the kubeconfig here")
+    parser.add_argument("--node", action="store_true", help="add a real node (root only)")
     args = parser.parse_args()
 
     stop = threading.Event()
@@ -29,10 +33,20 @@ def main() -> int:
 
     started = time.monotonic()
     binaries = find_binaries()
-    with ControlPlane(binaries) as cp:
-        print(
-            f"control plane up in {time.monotonic() - started:.1f}s ({binaries.source})", flush=True
-        )
+    cluster: ControlPlane | LocalCluster
+    if args.node:
+        from accord_operator.envtest.images import build_images
+
+        images = build_images()
+        cluster = LocalCluster(binaries)
+    else:
+        cluster = ControlPlane(binaries)
+    with cluster as cp:
+        what = "control plane and node" if args.node else "control plane"
+        print(f"{what} up in {time.monotonic() - started:.1f}s ({binaries.source})", flush=True)
+        if isinstance(cp, LocalCluster):
+            cp.import_images(images.values())
+            print(f"images imported: {', '.join(i.ref for i in images.values())}", flush=True)
         if args.crds:
             install_crds(cp, args.crds)
             print(f"CRDs from {args.crds} Established", flush=True)

@@ -27,6 +27,8 @@ from accord_operator.envtest.binaries import Binaries, find_binaries
 from accord_operator.envtest.certs import CertificateAuthority, service_account_keys
 
 _PREFIX = "accord-envtest-"
+SERVICE_CIDR = "10.0.0.0/24"
+SERVICE_IP_KUBERNETES = "10.0.0.1"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -76,13 +78,24 @@ class ControlPlane:
         *,
         controller_manager: bool = True,
         extra_apiserver_args: tuple[str, ...] = (),
+        address: str = "127.0.0.1",
+        launcher: tuple[str, ...] = (),
+        for_nodes: bool = False,
     ) -> None:
+        """address: where the API server listens and what it advertises (loopback, or a
+        node's IP inside the node's network namespace); launcher: a command prefix every
+        process runs under (nsenter into that namespace); for_nodes: serve real kubelets
+        (Node authorization, NodeRestriction, the node controllers, kubelet client cert)."""
         self.binaries = binaries or find_binaries()
         self.with_controller_manager = controller_manager
         self.extra_apiserver_args = extra_apiserver_args
+        self.address = address
+        self.launcher = launcher
+        self.for_nodes = for_nodes
         self.dir: Path | None = None
         self.server = ""
         self.kubeconfig = Path()
+        self.ca: CertificateAuthority | None = None  # signs node and component certificates
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
 
     # -- lifecycle -----------------------------------------------------------------
@@ -102,7 +115,7 @@ class ControlPlane:
         d = self.dir
         pki = d / "pki"
         pki.mkdir()
-        ca = CertificateAuthority()
+        ca = self.ca = CertificateAuthority()
         (pki / "ca.crt").write_bytes(ca.cert_pem)
         etcd_cert, etcd_key = ca.issue(
             "etcd", hosts=("127.0.0.1", "localhost"), server=True, client=True
@@ -112,7 +125,15 @@ class ControlPlane:
         ).write(pki, "etcd-client")
         api_cert, api_key = ca.issue(
             "kube-apiserver",
-            hosts=("127.0.0.1", "localhost", "10.0.0.1", "kubernetes.default.svc"),
+            hosts=(
+                *dict.fromkeys(("127.0.0.1", self.address)),
+                "localhost",
+                SERVICE_IP_KUBERNETES,
+                "kubernetes",
+                "kubernetes.default",
+                "kubernetes.default.svc",
+                "kubernetes.default.svc.cluster.local",
+            ),
             server=True,
         ).write(pki, "apiserver")
         admin = ca.issue("accord-admin", organizations=("system:masters",), client=True)
@@ -120,7 +141,7 @@ class ControlPlane:
 
         etcd_port, etcd_peer = free_port(), free_port()
         etcd_url = f"https://127.0.0.1:{etcd_port}"
-        self._spawn(
+        self.spawn(
             "etcd",
             [
                 str(self.binaries.etcd),
@@ -141,8 +162,19 @@ class ControlPlane:
         )
 
         api_port = free_port()
-        self.server = f"https://127.0.0.1:{api_port}"
-        self._spawn(
+        self.server = f"https://{self.address}:{api_port}"
+        node_args: list[str] = []
+        if self.for_nodes:
+            kubelet_cert, kubelet_key = ca.issue(
+                "kube-apiserver-kubelet-client", organizations=("system:masters",), client=True
+            ).write(pki, "apiserver-kubelet-client")
+            node_args = [
+                "--enable-admission-plugins=NodeRestriction",
+                f"--kubelet-client-certificate={kubelet_cert}",
+                f"--kubelet-client-key={kubelet_key}",
+                "--kubelet-preferred-address-types=InternalIP,Hostname",
+            ]
+        self.spawn(
             "kube-apiserver",
             [
                 str(self.binaries.kube_apiserver),
@@ -150,15 +182,16 @@ class ControlPlane:
                 f"--etcd-cafile={pki / 'ca.crt'}",
                 f"--etcd-certfile={etcd_client_cert}",
                 f"--etcd-keyfile={etcd_client_key}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                # Inside a node's network namespace: reachable from pods and the host.
+                f"--bind-address={'0.0.0.0' if self.for_nodes else '127.0.0.1'}",
+                f"--advertise-address={self.address}",
                 f"--secure-port={api_port}",
                 f"--cert-dir={d / 'apiserver-certs'}",
                 f"--tls-cert-file={api_cert}",
                 f"--tls-private-key-file={api_key}",
                 f"--client-ca-file={pki / 'ca.crt'}",
-                "--authorization-mode=RBAC",
-                "--service-cluster-ip-range=10.0.0.0/24",
+                f"--authorization-mode={'Node,RBAC' if self.for_nodes else 'RBAC'}",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--service-account-issuer=https://kubernetes.default.svc",
                 f"--service-account-key-file={sa_pub}",
                 f"--service-account-signing-key-file={sa_key}",
@@ -167,6 +200,7 @@ class ControlPlane:
                 "--enable-priority-and-fairness=false",
                 "--profiling=false",
                 "--v=0",
+                *node_args,
                 *self.extra_apiserver_args,
             ],
         )
@@ -180,7 +214,7 @@ class ControlPlane:
         self._wait_ready(pki / "ca.crt", admin_cert, admin_key, timeout)
 
         if self.with_controller_manager:
-            self._spawn(
+            self.spawn(
                 "kube-controller-manager",
                 [
                     str(self.binaries.kube_controller_manager),
@@ -193,12 +227,40 @@ class ControlPlane:
                     f"--cert-dir={d / 'kcm-certs'}",
                     f"--service-account-private-key-file={sa_key}",
                     f"--root-ca-file={pki / 'ca.crt'}",
-                    # Only what workloads in tests need: no nodes, no cloud, no kubelet.
-                    "--controllers=namespace,serviceaccount,serviceaccount-token,"
-                    "garbagecollector,deployment,replicaset,job,endpoint,endpointslice",
+                    f"--controllers={','.join(self._controllers())}",
                     "--v=0",
                 ],
             )
+
+    def _controllers(self) -> list[str]:
+        # Only what workloads in tests need: no cloud. Without a node, no node controllers.
+        names = [
+            "namespace",
+            "serviceaccount",
+            "serviceaccount-token",
+            "garbagecollector",
+            "deployment",
+            "replicaset",
+            "statefulset",
+            "job",
+            "endpoint",
+            "endpointslice",
+            "clusterrole-aggregation",
+        ]
+        if self.for_nodes:
+            # Pods mount kube-root-ca.crt; dead pods and finished Jobs are collected; a node
+            # that stops reporting is marked NotReady and its pods evicted.
+            names += ["root-ca-cert-publisher", "podgc", "ttl-after-finished", "nodelifecycle"]
+            names += ["daemonset", "cronjob", "disruption", "resourcequota"]
+        return names
+
+    def client_kubeconfig(self, name: str, cert: bytes, key: bytes) -> Path:
+        """A kubeconfig for another identity (a node, the scheduler, kube-proxy)."""
+        assert self.dir is not None and self.ca is not None
+        path = self.dir / f"{name}.kubeconfig"
+        path.write_text(yaml.safe_dump(self._kubeconfig(self.ca.cert_pem, cert, key)))
+        path.chmod(0o600)
+        return path
 
     def _kubeconfig(self, ca: bytes, cert: bytes, key: bytes) -> dict[str, object]:
         import base64
@@ -230,11 +292,12 @@ class ControlPlane:
             "current-context": "accord-local",
         }
 
-    def _spawn(self, name: str, argv: list[str]) -> None:
+    def spawn(self, name: str, argv: list[str]) -> None:
+        """Start a process of this cluster (under the launcher); it dies with us."""
         assert self.dir is not None
         log = open(self.dir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
         self._procs[name] = subprocess.Popen(
-            argv,
+            [*self.launcher, *argv],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
