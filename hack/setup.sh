@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Install what Accord's demo and tests need on this machine; safe to run again.
-#  - nats-server from Debian's packages (when missing; needs root)
+#  - from Debian's packages (when missing; needs root): nats-server; for the real node and
+#    its images runc, iptables, buildah and debootstrap
 #  - a virtualenv in .venv with accord and its dev extra (editable)
-#  - etcd, kube-apiserver, kube-controller-manager and kubectl built from the pinned
-#    releases into ${XDG_CACHE_HOME:-~/.cache}/accord/k8s/<version>/ (reused when present)
+#  - the control plane (etcd, kube-apiserver, kube-controller-manager, kubectl, helm) and the
+#    real node (kubelet, kube-proxy, kube-scheduler, containerd, CNI plugins, CoreDNS, pause)
+#    built from pinned releases into ${XDG_CACHE_HOME:-~/.cache}/accord/k8s/<version>/
+#    (reused when present)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -20,17 +23,27 @@ if ! command -v go >/dev/null; then
   [[ -n "${KUBEBUILDER_ASSETS:-}" ]] || exit 1
 fi
 
-# nats-server (JetStream) for the sidecar's data-plane tests and the demo, from Debian.
-if ! command -v nats-server >/dev/null && [[ ! -x /usr/sbin/nats-server ]]; then
+# From Debian: nats-server (JetStream) for the data-plane tests and the demo; runc and
+# iptables for the real node; buildah and debootstrap to build the images it runs.
+declare -A needs=([nats-server]=nats-server [runc]=runc [iptables]=iptables [buildah]=buildah
+                  [debootstrap]=debootstrap)
+missing=()
+for cmd in "${!needs[@]}"; do
+  command -v "$cmd" >/dev/null || [[ -x /usr/sbin/$cmd ]] || missing+=("${needs[$cmd]}")
+done
+if [[ ${#missing[@]} -gt 0 ]]; then
   if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
-    say "installing nats-server"
+    say "installing ${missing[*]}"
     apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
     # The package enables a system service; tests start their own servers on free ports.
     systemctl disable --now nats-server >/dev/null 2>&1 || true
-  else
-    echo "nats-server is needed: sudo apt-get install nats-server (or put it on PATH)" >&2
+  elif [[ " ${missing[*]} " == *" nats-server "* ]]; then
+    echo "needed from Debian's packages: sudo apt-get install ${missing[*]}" >&2
     exit 1
+  else
+    # Without root there is no real node anyway; the in-cluster tests say so when they skip.
+    echo "note: the real node needs root and: apt-get install ${missing[*]}" >&2
   fi
 fi
 

@@ -104,11 +104,22 @@ def test_native_sidecar_is_the_first_init_container_with_a_startup_probe() -> No
     out = inject(pod({}, initContainers=[{"name": "migrate", "image": "m"}]))
     first = out["spec"]["initContainers"][0]
     assert first["name"] == SIDECAR_NAME and first["restartPolicy"] == "Always"
-    assert first["startupProbe"]["httpGet"] == {"path": "/readyz", "port": 9090}
+    # Its own health: /readyz waits for the app, which waits for this probe.
+    assert first["startupProbe"]["httpGet"] == {"path": "/healthz", "port": 9090}
     assert [c["name"] for c in out["spec"]["initContainers"]] == [SIDECAR_NAME, "migrate"]
     assert [c["name"] for c in out["spec"]["containers"]] == ["app"]
     # Other init containers start after the sidecar, so they can use it too.
     assert {"name": "ACCORD_HTTP_PORT", "value": "3500"} in out["spec"]["initContainers"][1]["env"]
+
+
+def test_every_sidecar_port_setting_is_explicit_so_no_service_link_can_shadow_it() -> None:
+    # The kubelet sets <SERVICE>_PORT=tcp://... for each Service in the namespace; a
+    # Service named accord-app must not become the sidecar's ACCORD_APP_PORT.
+    sidecar = inject(pod())["spec"]["initContainers"][0]
+    env = {e["name"]: e.get("value") for e in sidecar["env"]}
+    for name in ("ACCORD_HTTP_PORT", "ACCORD_INBOUND_PORT", "ACCORD_ADMIN_PORT", "ACCORD_APP_PORT"):
+        assert name in env
+    assert env["ACCORD_APP_PORT"] == ""
 
 
 def test_legacy_sidecar_is_a_regular_container() -> None:

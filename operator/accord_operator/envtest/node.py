@@ -337,7 +337,7 @@ class LocalCluster:
 
     def _write_janitor_spec(self) -> Path:
         # Outside the run dir: the janitor deletes that. /run is tmpfs; nothing persists.
-        path = Path(tempfile.gettempdir()) / f"{_PREFIX}{self.id}.janitor.json"
+        path = Path(tempfile.gettempdir()) / f"accord-janitor-{self.id}.json"
         path.write_text(json.dumps(self._cleanup))
         if str(path) not in self._cleanup.setdefault("files", []):
             self._cleanup["files"].append(str(path))

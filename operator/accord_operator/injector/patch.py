@@ -109,9 +109,12 @@ def sidecar_container(
             "name": "ACCORD_POD_NAMESPACE",
             "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
         },
+        # Always set, empty when there is no app port: a Service named accord-app in the
+        # pod's namespace would otherwise hand the sidecar ACCORD_APP_PORT=tcp://... (the
+        # kubelet's service links; the pod's own env wins over them).
+        {"name": "ACCORD_APP_PORT", "value": str(config.app_port or "")},
     ]
     optional = {
-        "ACCORD_APP_PORT": config.app_port,
         "ACCORD_SUBSCRIBE": ",".join(config.subscribe) or None,
         "ACCORD_RETRY_MAX_ATTEMPTS": config.retry_max_attempts,
         "ACCORD_RETRY_INITIAL_MS": config.retry_initial_ms,
@@ -161,7 +164,9 @@ def sidecar_container(
         # A native sidecar: the kubelet starts app containers only once the startup probe
         # passes, and it does not keep a Job's pod from completing.
         container["restartPolicy"] = "Always"
-        container["startupProbe"] = probe("/readyz", 1, 120)
+        # The sidecar's own health, not /readyz: readiness includes the app's port, and the
+        # app container does not start until this probe passes (a deadlock on a real kubelet).
+        container["startupProbe"] = probe("/healthz", 1, 120)
     return container
 
 

@@ -1,0 +1,150 @@
+"""Two ways to get a real cluster running Accord's own images, for one list of scenarios:
+
+- node: the local control plane with a real node on this machine (envtest.node), images
+  built here with buildah on a debootstrap base and imported into the node's containerd;
+- kind: a kind cluster (needs a Docker engine), images built with docker on the public base.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from accord_operator.envtest.binaries import find_binaries, find_helm
+from tests.support.cluster import REPO
+
+IMAGES = {
+    "operator": ("operator/Dockerfile", "."),
+    "sidecar": ("sidecar_images/sidecar/Dockerfile", "sidecar_images/sidecar"),
+    "samples": ("examples/services/Dockerfile", "examples/services"),
+}
+
+
+def run(*args: str, input: str | None = None, timeout: float = 600, check: bool = True) -> str:
+    result = subprocess.run(
+        list(args), capture_output=True, text=True, input=input, timeout=timeout
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)}:\n{result.stdout}\n{result.stderr}")
+    return result.stdout
+
+
+@dataclass
+class E2ECluster:
+    """A running cluster with Accord's images loaded; what the scenarios use."""
+
+    provider: str
+    kubeconfig: Path
+    images: dict[str, str]  # name -> image reference
+    logs: Callable[[str], str] = field(default=lambda _name: "")
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> str:
+        return run(
+            str(find_binaries().kubectl),
+            f"--kubeconfig={self.kubeconfig}",
+            *args,
+            input=input,
+            check=check,
+        )
+
+    def helm(self, *args: str, timeout: float = 600) -> str:
+        return run(str(find_helm()), f"--kubeconfig={self.kubeconfig}", *args, timeout=timeout)
+
+    def apply(self, *docs: dict[str, Any], namespace: str | None = None) -> None:
+        ns = ["-n", namespace] if namespace else []
+        body = json.dumps({"apiVersion": "v1", "kind": "List", "items": list(docs)})
+        self.kubectl("apply", *ns, "-f", "-", input=body)
+
+    def get(self, *args: str) -> Any:
+        return json.loads(self.kubectl("get", *args, "-o", "json"))
+
+    def diagnose(self) -> str:
+        """What a human would look at first when a scenario fails."""
+        parts = [
+            self.kubectl("get", "pods", "-A", "-o", "wide", check=False),
+            self.kubectl("get", "events", "-A", "--sort-by=.lastTimestamp", check=False)[-6000:],
+        ]
+        for component in ("controller", "webhook"):
+            parts.append(f"--- accord {component} logs")
+            parts.append(
+                self.kubectl(
+                    "logs", "-n", "accord-system", "--tail=60", "--all-containers",
+                    "-l", f"app.kubernetes.io/component={component}", check=False,
+                )
+            )  # fmt: skip
+        return "\n".join(parts)
+
+    def wait_until(
+        self, what: str, probe: Callable[[], Any], timeout: float = 120, every: float = 0.5
+    ) -> Any:
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            last = probe()
+            if last:
+                return last
+            time.sleep(every)
+        raise AssertionError(f"{what}: not within {timeout}s (last: {last})")
+
+
+def docker_missing() -> str | None:
+    """Why kind cannot run here (None: a Docker engine answers)."""
+    if shutil.which("docker") is None:
+        return "no docker CLI on PATH"
+    result = subprocess.run(["docker", "info"], capture_output=True, text=True, timeout=30)
+    if result.returncode != 0:
+        lines = result.stderr.strip().splitlines()
+        return f"no Docker engine reachable ({lines[-1] if lines else 'docker info failed'})"
+    return None
+
+
+@contextmanager
+def node_cluster() -> Iterator[E2ECluster]:
+    from accord_operator.envtest.images import build_images
+    from accord_operator.envtest.node import LocalCluster
+
+    images = build_images(*IMAGES)
+    with LocalCluster() as cluster:
+        cluster.import_images(images.values())
+        yield E2ECluster(
+            "node",
+            cluster.kubeconfig,
+            {name: image.ref for name, image in images.items()},
+            logs=cluster.log_tail,
+        )
+
+
+@contextmanager
+def kind_cluster(workdir: Path) -> Iterator[E2ECluster]:
+    kind = run(str(REPO / "hack" / "build-kind.sh")).strip()
+    name = "accord-e2e"
+    kubeconfig = workdir / "kubeconfig"
+    run(
+        kind, "create", "cluster", "--name", name, "--kubeconfig", str(kubeconfig), "--wait", "180s"
+    )
+    try:
+        refs = {}
+        for image, (dockerfile, context) in IMAGES.items():
+            ref = f"accord/{image}:e2e"
+            run(
+                "docker",
+                "build",
+                "-q",
+                "-t",
+                ref,
+                "-f",
+                str(REPO / dockerfile),
+                str(REPO / context),
+            )
+            run(kind, "load", "docker-image", ref, "--name", name)
+            refs[image] = ref
+        yield E2ECluster("kind", kubeconfig, refs)
+    finally:
+        subprocess.run([kind, "delete", "cluster", "--name", name], capture_output=True)

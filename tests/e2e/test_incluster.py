@@ -1,0 +1,402 @@
+"""Accord in a real cluster: the chart installed with Accord's own images, controller and
+webhook as pods under their own service accounts, participants as Deployments whose pods
+get the native sidecar, sagas that drive them, and what happens to all of it when pods die,
+the webhook is down, the chart is upgraded and uninstalled.
+
+The scenarios run in file order on each provider (tests/e2e/conftest.py): the last ones
+upgrade and uninstall the release.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.e2e.providers import E2ECluster
+from tests.support.cluster import EXAMPLES, REPO
+
+CHART = REPO / "manifests" / "chart"
+RELEASE = "accord"
+SYSTEM = "accord-system"
+SHOP = "shop"
+ROLES = ("inventory", "payment", "shipping")
+RESTRICTED = {
+    "runAsNonRoot": True,
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def split(ref: str) -> tuple[str, str]:
+    repository, _, tag = ref.rpartition(":")
+    return repository, tag
+
+
+def helm_install(k8s: E2ECluster) -> None:
+    repository, tag = split(k8s.images["operator"])
+    k8s.helm(
+        "install", RELEASE, str(CHART), "-n", SYSTEM, "--create-namespace",
+        "--wait", "--timeout", "5m",
+        "--set", f"image.repository={repository}",
+        "--set", f"image.tag={tag}",
+        "--set", "image.pullPolicy=Never",
+        "--set", f"sidecar.image={k8s.images['sidecar']}",
+        "--set", "nats.url=",
+    )  # fmt: skip
+
+
+def participant(k8s: E2ECluster, role: str, **pod_spec: Any) -> list[dict[str, Any]]:
+    """A sample participant as a Deployment (the sidecar is injected) and its Service, which
+    points at the sidecar's inbound port, as the saga wire contract expects."""
+    labels = {"app": role}
+    container = {
+        "name": role,
+        "image": k8s.images["samples"],
+        "imagePullPolicy": "Never",
+        "args": ["shop.py", "--role", role, "--port", "8080"],
+        "securityContext": RESTRICTED,
+    }
+    template = {
+        "metadata": {"labels": labels, "annotations": {"accord.dev/app-port": "8080"}},
+        "spec": {"serviceAccountName": SHOP, "containers": [container], **pod_spec},
+    }
+    return [
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": role},
+            "spec": {"selector": {"matchLabels": labels}, "template": template},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": role},
+            "spec": {"selector": labels, "ports": [{"name": "inbound", "port": 3501}]},
+        },
+    ]
+
+
+def injected_namespace(k8s: E2ECluster, name: str, **labels: str) -> None:
+    k8s.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {"name": name, "labels": {"accord.dev/injection": "enabled", **labels}},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": SHOP, "namespace": name},
+        },
+        # The participants' sidecars check their callers' tokens with TokenReview.
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": f"{name}-{SHOP}-auth-delegator"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": "system:auth-delegator",
+            },
+            "subjects": [{"kind": "ServiceAccount", "name": SHOP, "namespace": name}],
+        },
+    )
+
+
+def wait_available(k8s: E2ECluster, namespace: str, timeout: int = 180) -> None:
+    k8s.kubectl(
+        "wait", "-n", namespace, "--for=condition=Available", "deployment", "--all",
+        f"--timeout={timeout}s",
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def accord(k8s: E2ECluster) -> E2ECluster:
+    """The chart installed, and the shop's participants running behind their sidecars."""
+    helm_install(k8s)
+    injected_namespace(k8s, SHOP)
+    k8s.apply(*(d for role in ROLES for d in participant(k8s, role)), namespace=SHOP)
+    wait_available(k8s, SHOP)
+    return k8s
+
+
+def saga_phase(k8s: E2ECluster, namespace: str, name: str) -> str:
+    saga = k8s.get("saga", name, "-n", namespace)
+    return str((saga.get("status") or {}).get("phase", ""))
+
+
+def wait_saga(k8s: E2ECluster, namespace: str, name: str, timeout: float = 120) -> dict[str, Any]:
+    def done() -> dict[str, Any] | None:
+        saga: dict[str, Any] = k8s.get("saga", name, "-n", namespace)
+        phase = (saga.get("status") or {}).get("phase", "")
+        return saga if phase in ("Succeeded", "Compensated", "Failed") else None
+
+    result: dict[str, Any] = k8s.wait_until(f"saga {name} finished", done, timeout)
+    return result
+
+
+def run_pod(k8s: E2ECluster, namespace: str, name: str, code: str) -> str:
+    """Run a Python one-liner in a pod of the samples image; its logs."""
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "annotations": {"accord.dev/inject": "false"}},
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [
+                {
+                    "name": "run",
+                    "image": k8s.images["samples"],
+                    "imagePullPolicy": "Never",
+                    "args": ["-c", code],
+                    "securityContext": RESTRICTED,
+                }
+            ],
+        },
+    }
+    k8s.apply(pod, namespace=namespace)
+    k8s.wait_until(
+        f"pod {name} finished",
+        lambda: (
+            k8s.get("pod", name, "-n", namespace)["status"].get("phase") in ("Succeeded", "Failed")
+        ),
+    )
+    return k8s.kubectl("logs", name, "-n", namespace)
+
+
+def test_controller_and_webhook_run_as_pods_under_their_own_service_accounts(
+    accord: E2ECluster,
+) -> None:
+    pods = accord.get("pods", "-n", SYSTEM)["items"]
+    by_component = {p["metadata"]["labels"]["app.kubernetes.io/component"]: p for p in pods}
+    assert set(by_component) == {"controller", "webhook"}
+    for pod in pods:
+        assert pod["status"]["phase"] == "Running"
+        assert all(c["ready"] for c in pod["status"]["containerStatuses"])
+    webhook = accord.get("mutatingwebhookconfiguration", f"{RELEASE}-sidecar-injector")
+    assert all(h["clientConfig"].get("caBundle") for h in webhook["webhooks"])
+
+
+def test_participants_get_the_native_sidecar(accord: E2ECluster) -> None:
+    for role in ROLES:
+        pod = accord.get("pods", "-n", SHOP, "-l", f"app={role}")["items"][0]
+        sidecar = pod["spec"]["initContainers"][0]
+        assert sidecar["name"] == "accord-sidecar"
+        assert sidecar["restartPolicy"] == "Always"  # native sidecar
+        assert sidecar["image"] == accord.images["sidecar"]
+        statuses = pod["status"]["initContainerStatuses"] + pod["status"]["containerStatuses"]
+        assert all(s["ready"] for s in statuses), statuses
+
+
+def test_sagas_drive_participants_through_their_sidecars(accord: E2ECluster) -> None:
+    for name in ("saga-order.yaml", "saga-order-fails-at-payment.yaml"):
+        accord.kubectl("apply", "-n", SHOP, "-f", str(EXAMPLES / name))
+    assert saga_phase_eventually(accord, "order-1001") == "Succeeded"
+    assert saga_phase_eventually(accord, "order-1002") == "Compensated"
+    # Each call went operator -> participant sidecar (TokenReview) -> app, in order.
+    inventory = accord.kubectl("logs", "-n", SHOP, "deploy/inventory", "-c", "inventory")
+    assert "/reserve -> 200" in inventory and "/release -> 200" in inventory
+    payment = accord.kubectl("logs", "-n", SHOP, "deploy/payment", "-c", "payment")
+    assert "/charge -> 402" in payment
+
+
+def saga_phase_eventually(k8s: E2ECluster, name: str) -> str:
+    return str(wait_saga(k8s, SHOP, name)["status"]["phase"])
+
+
+def test_a_participant_sidecar_refuses_callers_without_a_token(accord: E2ECluster) -> None:
+    code = (
+        "import urllib.request, urllib.error\n"
+        "try:\n"
+        "    urllib.request.urlopen(urllib.request.Request("
+        "'http://payment.shop.svc:3501/charge', data=b'{}'), timeout=10)\n"
+        "    print('status 200')\n"
+        "except urllib.error.HTTPError as e:\n"
+        "    print('status', e.code)\n"
+    )
+    assert run_pod(accord, SHOP, "no-token", code).strip() == "status 401"
+
+
+def test_job_steps_run_real_pods_and_feed_their_output_to_the_next_step(
+    accord: E2ECluster,
+) -> None:
+    write = (
+        "import json, os; inp = json.loads(os.environ['ACCORD_SAGA_INPUT']); "
+        "out = json.loads(os.environ['ACCORD_SAGA_OUTPUTS']); "
+        "open('/dev/termination-log', 'w').write(json.dumps({'label': 'L-' + inp['orderId'], "
+        "'saw': out}))"
+    )
+    job = {"image": accord.images["samples"], "command": ["python", "-c", write]}
+    saga = {
+        "apiVersion": "accord.dev/v1alpha1",
+        "kind": "SagaWorkflow",
+        "metadata": {"name": "labels-7"},
+        "spec": {
+            "input": {"orderId": "7"},
+            "steps": [
+                {"name": "make-label", "action": {"job": job}},
+                {"name": "print-label", "action": {"job": job}},
+            ],
+        },
+    }
+    accord.apply(saga, namespace=SHOP)
+    done = wait_saga(accord, SHOP, "labels-7", timeout=180)
+    assert done["status"]["phase"] == "Succeeded"
+    steps = {s["name"]: s for s in done["status"]["steps"]}
+    first = steps["make-label"]["output"]
+    assert first == {"label": "L-7", "saw": {}}
+    assert steps["print-label"]["output"]["saw"] == {"make-label": first}
+    pods = accord.get("pods", "-n", SHOP, "-l", "accord.dev/saga=labels-7")["items"]
+    assert sorted(p["status"]["phase"] for p in pods) == ["Succeeded", "Succeeded"]
+    # The step pods got the sidecar too, and it did not keep them from completing.
+    assert all(p["spec"]["initContainers"][0]["name"] == "accord-sidecar" for p in pods)
+
+
+def test_injected_pods_run_where_pss_restricted_is_enforced(accord: E2ECluster) -> None:
+    ns = "restricted-shop"
+    injected_namespace(accord, ns, **{"pod-security.kubernetes.io/enforce": "restricted"})
+    accord.apply(*participant(accord, "inventory"), namespace=ns)
+    wait_available(accord, ns)
+    pod = accord.get("pods", "-n", ns, "-l", "app=inventory")["items"][0]
+    assert pod["spec"]["initContainers"][0]["name"] == "accord-sidecar"
+
+
+def test_the_operator_pod_killed_mid_saga_still_finishes_it_right(accord: E2ECluster) -> None:
+    slow = {
+        "image": accord.images["samples"],
+        "command": ["python", "-c", "import time; time.sleep(8); print('slept')"],
+    }
+    saga = {
+        "apiVersion": "accord.dev/v1alpha1",
+        "kind": "SagaWorkflow",
+        "metadata": {"name": "order-killed"},
+        "spec": {
+            "input": {"orderId": "31", "sku": "book-1", "quantity": 1, "amountCents": 100},
+            "steps": [
+                {
+                    "name": "reserve-inventory",
+                    "action": {"http": {"service": "inventory", "path": "/reserve"}},
+                    "compensation": {"http": {"service": "inventory", "path": "/release"}},
+                },
+                {"name": "pack", "action": {"job": slow}},
+                {"name": "ship", "action": {"http": {"service": "shipping", "path": "/ship"}}},
+            ],
+        },
+    }
+    accord.apply(saga, namespace=SHOP)
+    accord.wait_until(
+        "the pack step's pod running",
+        lambda: accord.get("pods", "-n", SHOP, "-l", "accord.dev/saga=order-killed")["items"],
+    )
+    controller = accord.get("pods", "-n", SYSTEM, "-l", "app.kubernetes.io/component=controller")[
+        "items"
+    ][0]["metadata"]["name"]
+    accord.kubectl("delete", "pod", controller, "-n", SYSTEM, "--grace-period=0", "--force")
+    done = wait_saga(accord, SHOP, "order-killed", timeout=180)
+    assert done["status"]["phase"] == "Succeeded"
+    # The new controller adopted the step's pod: it ran once.
+    pods = accord.get("pods", "-n", SHOP, "-l", "accord.dev/saga=order-killed")["items"]
+    assert len(pods) == 1
+    shipping = accord.kubectl("logs", "-n", SHOP, "deploy/shipping", "-c", "shipping")
+    assert shipping.count('"order": "31"') == 1
+
+
+def test_pods_created_while_the_webhook_is_down_are_reported(accord: E2ECluster) -> None:
+    ns = "misses"
+    accord.kubectl("create", "namespace", ns)
+    webhook = f"{RELEASE}-webhook"
+    replicas = accord.get("deployment", webhook, "-n", SYSTEM)["spec"]["replicas"]
+    accord.kubectl("scale", "deployment", webhook, "-n", SYSTEM, "--replicas=0")
+    accord.wait_until(
+        "webhook pods gone",
+        lambda: (
+            not accord.get("pods", "-n", SYSTEM, "-l", "app.kubernetes.io/component=webhook")[
+                "items"
+            ]
+        ),
+    )
+    try:
+        # Asked for the sidecar by annotation: the object webhook's failurePolicy is Ignore.
+        docs = participant(accord, "payment")
+        template = docs[0]["spec"]["template"]
+        template["metadata"]["annotations"]["accord.dev/inject"] = "true"
+        template["spec"].pop("serviceAccountName")
+        docs[0]["spec"]["replicas"] = 0
+        accord.apply(docs[0], namespace=ns)
+        accord.kubectl("scale", "deployment", "payment", "-n", ns, "--replicas=2")
+        pods = accord.wait_until(
+            "two pods created",
+            lambda: (
+                [p for p in accord.get("pods", "-n", ns)["items"]]
+                if len(accord.get("pods", "-n", ns)["items"]) == 2
+                else None
+            ),
+        )
+        assert all(not p["spec"].get("initContainers") for p in pods)  # not injected
+
+        def reported() -> set[str]:
+            events = accord.get("events", "-n", ns, "--field-selector", "reason=SidecarMissing")
+            return {e["involvedObject"]["name"] for e in events["items"]}
+
+        names = {p["metadata"]["name"] for p in pods}
+        accord.wait_until("every miss reported", lambda: reported() >= names, timeout=60)
+    finally:
+        accord.kubectl("scale", "deployment", webhook, "-n", SYSTEM, f"--replicas={replicas}")
+        accord.kubectl("rollout", "status", "deployment", webhook, "-n", SYSTEM, "--timeout=120s")
+
+
+def test_helm_upgrade_keeps_certificates_and_injection(accord: E2ECluster) -> None:
+    secret = f"{RELEASE}-webhook-tls"
+    before = accord.get("secret", secret, "-n", SYSTEM)["data"]
+    accord.helm(
+        "upgrade", RELEASE, str(CHART), "-n", SYSTEM, "--reuse-values",
+        "--set", "webhook.replicas=1", "--wait", "--timeout", "5m",
+    )  # fmt: skip
+    assert accord.get("secret", secret, "-n", SYSTEM)["data"] == before
+    assert accord.get("deployment", f"{RELEASE}-webhook", "-n", SYSTEM)["spec"]["replicas"] == 1
+    accord.kubectl("rollout", "restart", "deployment/shipping", "-n", SHOP)
+    accord.kubectl("rollout", "status", "deployment/shipping", "-n", SHOP, "--timeout=120s")
+    pod = accord.get("pods", "-n", SHOP, "-l", "app=shipping")["items"]
+    assert all(p["spec"]["initContainers"][0]["name"] == "accord-sidecar" for p in pod)
+    accord.apply(
+        yaml.safe_load((EXAMPLES / "saga-order.yaml").read_text())
+        | {"metadata": {"name": "order-after-upgrade"}},
+        namespace=SHOP,
+    )
+    assert saga_phase_eventually(accord, "order-after-upgrade") == "Succeeded"
+
+
+def test_helm_uninstall_leaves_no_accord_object_and_no_stuck_namespace(
+    accord: E2ECluster,
+) -> None:
+    # A saga still running at uninstall time: its participant is not there yet.
+    stuck = {
+        "apiVersion": "accord.dev/v1alpha1",
+        "kind": "SagaWorkflow",
+        "metadata": {"name": "never-finishes"},
+        "spec": {
+            "steps": [
+                {
+                    "name": "call",
+                    "action": {"http": {"service": "nobody", "path": "/x"}},
+                    "retry": {"maxAttempts": 100},
+                }
+            ]
+        },
+    }
+    accord.apply(stuck, namespace=SHOP)
+    accord.wait_until(
+        "the saga running", lambda: saga_phase(accord, SHOP, "never-finishes") == "Running"
+    )
+    accord.helm("uninstall", RELEASE, "-n", SYSTEM, "--wait", "--timeout", "5m")
+    for kind in ("sagaworkflows", "twophasetransactions", "cqrsprojections"):
+        assert accord.get(kind, "-A")["items"] == []
+    assert not accord.kubectl(
+        "get", "mutatingwebhookconfigurations,clusterroles,clusterrolebindings",
+        "-l", f"app.kubernetes.io/instance={RELEASE}", "-o", "name",
+    ).strip()  # fmt: skip
+    # Nothing holds the namespace: its deletion completes (kubectl waits, or fails).
+    accord.kubectl("delete", "namespace", SHOP, "--timeout=120s")
