@@ -16,6 +16,6 @@ namespace=accord-system
   echo "  name: ${namespace}"
   echo "  labels: {pod-security.kubernetes.io/enforce: restricted}"
   "$helm" template accord "$root/manifests/chart" --namespace "$namespace" --include-crds \
-    --kube-version "${k8s_version#v}" --set certManager.enabled=true 2>/dev/null
+    --kube-version "${k8s_version#v}" --set certManager.enabled=true --no-hooks 2>/dev/null
 } > "$root/manifests/install.yaml"
 echo "wrote manifests/install.yaml" >&2

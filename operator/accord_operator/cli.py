@@ -51,6 +51,19 @@ def _parser() -> argparse.ArgumentParser:
         default="true",
         help="inject as a native sidecar (Kubernetes >= 1.29; default true)",
     )
+    uninstall = sub.add_parser(
+        "uninstall",
+        help="delete every Accord resource and wait for the controller to finalize them "
+        "(the chart's pre-delete hook)",
+    )
+    uninstall.add_argument(
+        "-n", "--namespace", action="append", default=[],
+        help="only this namespace (repeatable; default: ACCORD_NAMESPACES or all)",
+    )  # fmt: skip
+    uninstall.add_argument(
+        "--timeout", type=float, default=120.0,
+        help="seconds to wait before removing the finalizers of what is left (default 120)",
+    )  # fmt: skip
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -90,6 +103,19 @@ def _inject(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def _uninstall(settings: Settings, timeout: float) -> int:
+    from accord_operator.kubeapi import KubeApi
+    from accord_operator.uninstall import uninstall
+
+    api = KubeApi()
+    try:
+        leftovers = await uninstall(api, settings.namespaces, timeout)
+    finally:
+        await api.close()
+    print(f"accord-operator uninstall: done; {len(leftovers)} finalizer(s) removed by force")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "version":
@@ -104,9 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         return _inject(args, settings)
 
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.command == "uninstall":
+        return asyncio.run(_uninstall(settings, args.timeout))
     from accord_operator.runtime import Mode
     from accord_operator.runtime import run as run_operator
 

@@ -4,6 +4,7 @@ client (in-cluster service account, else the kubeconfig)."""
 
 from __future__ import annotations
 
+import os
 import ssl
 from typing import Any
 
@@ -35,12 +36,19 @@ def bearer_header(cfg: client.Configuration) -> dict[str, str]:
 
 
 class KubeApi:
-    def __init__(self) -> None:
+    def __init__(self, kubeconfig: str | None = None) -> None:
+        """In-cluster credentials, else kubeconfig (default: $KUBECONFIG, read now: the
+        client reads it once, at import)."""
         cfg = client.Configuration()
         try:
+            if kubeconfig:
+                raise config.ConfigException("a kubeconfig was given")
             config.load_incluster_config(client_configuration=cfg)
         except config.ConfigException:
-            config.load_kube_config(client_configuration=cfg)
+            config.load_kube_config(
+                config_file=kubeconfig or os.environ.get("KUBECONFIG") or None,
+                client_configuration=cfg,
+            )
         self.host = cfg.host.rstrip("/")
         ctx = (
             ssl.create_default_context(cafile=cfg.ssl_ca_cert)

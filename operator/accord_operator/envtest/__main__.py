@@ -47,6 +47,7 @@ def main() -> int:
         if isinstance(cp, LocalCluster):
             cp.import_images(images.values())
             print(f"images imported: {', '.join(i.ref for i in images.values())}", flush=True)
+            print(f"node run {cp.id} in {cp.dir}", flush=True)
         if args.crds:
             install_crds(cp, args.crds)
             print(f"CRDs from {args.crds} Established", flush=True)
