@@ -1,7 +1,9 @@
 """The Accord demo: a local control plane, the CRDs, the operator, the examples.
 
 Run through hack/demo.sh (which sets things up first). Ctrl-C stops everything cleanly;
---once stops right after printing `kubectl get accord`.
+--once stops right after printing `kubectl get accord`. --real-node runs it the way it runs
+in a cluster: a real node, Accord's images built here, the Helm chart, participants as pods
+with the sidecar injected.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import yaml
 from accord_operator.envtest import ControlPlane, local_service
 from accord_operator.envtest.controlplane import die_with_parent, free_port
 from accord_operator.envtest.crds import install_crds
+from accord_operator.envtest.node import LocalCluster
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMESPACE = "accord-demo"
@@ -79,11 +82,18 @@ def step(text: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--once", action="store_true", help="stop after printing the resources")
+    parser.add_argument(
+        "--real-node",
+        action="store_true",
+        help="run on a real node: the chart, our images, participants as pods (root only)",
+    )
     args = parser.parse_args()
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.set())
+    if args.real_node:
+        return real_node(args.once, stop)
 
     started = time.monotonic()
     step("starting etcd and kube-apiserver on loopback")
@@ -147,27 +157,7 @@ def main() -> int:
                     return 1
                 time.sleep(0.5)
 
-            step(f"kubectl get accord -n {NAMESPACE}")
-            print(cp.kubectl("get", "accord", "-n", NAMESPACE).stdout)
-            step(
-                "the declined order compensated: kubectl get events --field-selector "
-                "involvedObject.name=order-1002"
-            )
-            events = json.loads(
-                cp.kubectl(
-                    "get",
-                    "events",
-                    "-n",
-                    NAMESPACE,
-                    "-o",
-                    "json",
-                    "--field-selector=involvedObject.name=order-1002",
-                ).stdout
-            )["items"]
-            # Timestamps have one-second resolution; resourceVersion orders them exactly.
-            print(f"    {'TYPE':<9} {'REASON':<14} MESSAGE")
-            for e in sorted(events, key=lambda e: int(e["metadata"]["resourceVersion"])):
-                print(f"    {e['type']:<9} {e['reason']:<14} {e['message']}")
+            print_resources(cp)
             step("what the participants did")
             for role in SHOP:
                 for line in (cp.dir / f"{role}.log").read_text().splitlines():
@@ -194,6 +184,102 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 operator.kill()
             step("stopping")
+    print("    stopped; nothing left running", flush=True)
+    return 0
+
+
+def print_resources(cluster: ControlPlane | LocalCluster) -> None:
+    step(f"kubectl get accord -n {NAMESPACE}")
+    print(cluster.kubectl("get", "accord", "-n", NAMESPACE).stdout)
+    step(
+        "the declined order compensated: kubectl get events --field-selector "
+        "involvedObject.name=order-1002"
+    )
+    events = json.loads(
+        cluster.kubectl(
+            "get", "events", "-n", NAMESPACE, "-o", "json",
+            "--field-selector=involvedObject.name=order-1002",
+        ).stdout
+    )["items"]  # fmt: skip
+    # Timestamps have one-second resolution; resourceVersion orders them exactly.
+    print(f"    {'TYPE':<9} {'REASON':<14} MESSAGE")
+    for e in sorted(events, key=lambda e: int(e["metadata"]["resourceVersion"])):
+        print(f"    {e['type']:<9} {e['reason']:<14} {e['message']}")
+
+
+def wait_settled(cluster: ControlPlane | LocalCluster, stop: threading.Event) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not stop.is_set():
+        items = json.loads(cluster.kubectl("get", "saga", "-n", NAMESPACE, "-o", "json").stdout)
+        phases = {
+            i["metadata"]["name"]: (i.get("status") or {}).get("phase") for i in items["items"]
+        }
+        if phases.get("order-1001") == "Succeeded" and phases.get("order-1002") == "Compensated":
+            return
+        time.sleep(0.5)
+
+
+def real_node(once: bool, stop: threading.Event) -> int:
+    """The demo in a real cluster: every saga call goes operator pod -> participant sidecar
+    (TokenReview) -> app container."""
+    from accord_operator.envtest import incluster
+    from accord_operator.envtest.images import build_images
+
+    started = time.monotonic()
+    step("building Accord's images from their Dockerfiles (cached by content)")
+    images = build_images()
+    for image in images.values():
+        print(f"    {image.ref}")
+    step("starting the control plane and a real node (kubelet, containerd, CNI, DNS)")
+    with LocalCluster() as cluster:
+        print(f"    node Ready in {cluster.timings['total']:.1f}s, API server {cluster.server}")
+        cluster.import_images(images.values())
+        refs = {name: image.ref for name, image in images.items()}
+        step("helm install accord manifests/chart (controller and webhook as pods)")
+        incluster.install_chart(cluster.kubeconfig, refs)
+        step(f"the participants as Deployments in {NAMESPACE} (sidecar injected)")
+        docs = incluster.injected_namespace(NAMESPACE)
+        for role in SHOP:
+            docs += [
+                {**d, "metadata": {**d["metadata"], "namespace": NAMESPACE}}
+                for d in incluster.participant(refs["samples"], role)
+            ]
+        cluster.kubectl(
+            "apply",
+            "-f",
+            "-",
+            input=json.dumps({"apiVersion": "v1", "kind": "List", "items": docs}),
+        )
+        cluster.kubectl(
+            "wait", "-n", NAMESPACE, "--for=condition=Available", "deployment", "--all",
+            "--timeout=180s",
+        )  # fmt: skip
+        print(
+            "    " + cluster.kubectl("get", "pods", "-n", NAMESPACE).stdout.replace("\n", "\n    ")
+        )
+        step("applying the order sagas")
+        for name in ("saga-order.yaml", "saga-order-fails-at-payment.yaml"):
+            out = cluster.kubectl("apply", "-n", NAMESPACE, "-f", str(ROOT / "examples" / name))
+            print("    " + out.stdout.strip())
+        wait_settled(cluster, stop)
+        print_resources(cluster)
+        step("what the participants did (kubectl logs deploy/<role> -c <role>)")
+        for role in SHOP:
+            logs = cluster.kubectl("logs", "-n", NAMESPACE, f"deploy/{role}", "-c", role).stdout
+            for line in logs.splitlines():
+                print(f"    {line}")
+        print(f"    (all of it in {time.monotonic() - started:.0f}s)")
+        if not once:
+            print(
+                f"The cluster stays up. In another shell:\n"
+                f"    export KUBECONFIG={cluster.kubeconfig}\n"
+                f"    kubectl get pods -A\n"
+                f"    kubectl get accord -n {NAMESPACE}\n"
+                f"Press Ctrl-C to stop.",
+                flush=True,
+            )
+            stop.wait()
+        step("stopping")
     print("    stopped; nothing left running", flush=True)
     return 0
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from accord_operator.envtest.binaries import find_binaries, find_helm
+from accord_operator.envtest.binaries import find_binaries
+from accord_operator.envtest.incluster import helm
 from tests.support.cluster import REPO
 
 IMAGES = {
@@ -55,7 +56,7 @@ class E2ECluster:
         )
 
     def helm(self, *args: str, timeout: float = 600) -> str:
-        return run(str(find_helm()), f"--kubeconfig={self.kubeconfig}", *args, timeout=timeout)
+        return helm(self.kubeconfig, *args, timeout=timeout)
 
     def apply(self, *docs: dict[str, Any], namespace: str | None = None) -> None:
         ns = ["-n", namespace] if namespace else []

@@ -14,96 +14,29 @@ from typing import Any
 import pytest
 import yaml
 
+from accord_operator.envtest.incluster import (
+    CHART,
+    RELEASE,
+    RESTRICTED,
+    injected_namespace,
+    install_chart,
+    participant,
+)
+from accord_operator.envtest.incluster import (
+    SHOP_ROLES as ROLES,
+)
+from accord_operator.envtest.incluster import (
+    SYSTEM_NAMESPACE as SYSTEM,
+)
 from tests.e2e.providers import E2ECluster
-from tests.support.cluster import EXAMPLES, REPO
+from tests.support.cluster import EXAMPLES
 
-CHART = REPO / "manifests" / "chart"
-RELEASE = "accord"
-SYSTEM = "accord-system"
 SHOP = "shop"
-ROLES = ("inventory", "payment", "shipping")
-RESTRICTED = {
-    "runAsNonRoot": True,
-    "allowPrivilegeEscalation": False,
-    "capabilities": {"drop": ["ALL"]},
-    "seccompProfile": {"type": "RuntimeDefault"},
-}
 
 
-def split(ref: str) -> tuple[str, str]:
-    repository, _, tag = ref.rpartition(":")
-    return repository, tag
-
-
-def helm_install(k8s: E2ECluster) -> None:
-    repository, tag = split(k8s.images["operator"])
-    k8s.helm(
-        "install", RELEASE, str(CHART), "-n", SYSTEM, "--create-namespace",
-        "--wait", "--timeout", "5m",
-        "--set", f"image.repository={repository}",
-        "--set", f"image.tag={tag}",
-        "--set", "image.pullPolicy=Never",
-        "--set", f"sidecar.image={k8s.images['sidecar']}",
-        "--set", "nats.url=",
-    )  # fmt: skip
-
-
-def participant(k8s: E2ECluster, role: str, **pod_spec: Any) -> list[dict[str, Any]]:
-    """A sample participant as a Deployment (the sidecar is injected) and its Service, which
-    points at the sidecar's inbound port, as the saga wire contract expects."""
-    labels = {"app": role}
-    container = {
-        "name": role,
-        "image": k8s.images["samples"],
-        "imagePullPolicy": "Never",
-        "args": ["shop.py", "--role", role, "--port", "8080"],
-        "securityContext": RESTRICTED,
-    }
-    template = {
-        "metadata": {"labels": labels, "annotations": {"accord.dev/app-port": "8080"}},
-        "spec": {"serviceAccountName": SHOP, "containers": [container], **pod_spec},
-    }
-    return [
-        {
-            "apiVersion": "apps/v1",
-            "kind": "Deployment",
-            "metadata": {"name": role},
-            "spec": {"selector": {"matchLabels": labels}, "template": template},
-        },
-        {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": {"name": role},
-            "spec": {"selector": labels, "ports": [{"name": "inbound", "port": 3501}]},
-        },
-    ]
-
-
-def injected_namespace(k8s: E2ECluster, name: str, **labels: str) -> None:
-    k8s.apply(
-        {
-            "apiVersion": "v1",
-            "kind": "Namespace",
-            "metadata": {"name": name, "labels": {"accord.dev/injection": "enabled", **labels}},
-        },
-        {
-            "apiVersion": "v1",
-            "kind": "ServiceAccount",
-            "metadata": {"name": SHOP, "namespace": name},
-        },
-        # The participants' sidecars check their callers' tokens with TokenReview.
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "ClusterRoleBinding",
-            "metadata": {"name": f"{name}-{SHOP}-auth-delegator"},
-            "roleRef": {
-                "apiGroup": "rbac.authorization.k8s.io",
-                "kind": "ClusterRole",
-                "name": "system:auth-delegator",
-            },
-            "subjects": [{"kind": "ServiceAccount", "name": SHOP, "namespace": name}],
-        },
-    )
+def participants(k8s: E2ECluster, namespace: str, *roles: str) -> None:
+    docs = [d for role in roles for d in participant(k8s.images["samples"], role)]
+    k8s.apply(*docs, namespace=namespace)
 
 
 def wait_available(k8s: E2ECluster, namespace: str, timeout: int = 180) -> None:
@@ -116,9 +49,9 @@ def wait_available(k8s: E2ECluster, namespace: str, timeout: int = 180) -> None:
 @pytest.fixture(scope="session")
 def accord(k8s: E2ECluster) -> E2ECluster:
     """The chart installed, and the shop's participants running behind their sidecars."""
-    helm_install(k8s)
-    injected_namespace(k8s, SHOP)
-    k8s.apply(*(d for role in ROLES for d in participant(k8s, role)), namespace=SHOP)
+    install_chart(k8s.kubeconfig, k8s.images)
+    k8s.apply(*injected_namespace(SHOP))
+    participants(k8s, SHOP, *ROLES)
     wait_available(k8s, SHOP)
     return k8s
 
@@ -257,8 +190,8 @@ def test_job_steps_run_real_pods_and_feed_their_output_to_the_next_step(
 
 def test_injected_pods_run_where_pss_restricted_is_enforced(accord: E2ECluster) -> None:
     ns = "restricted-shop"
-    injected_namespace(accord, ns, **{"pod-security.kubernetes.io/enforce": "restricted"})
-    accord.apply(*participant(accord, "inventory"), namespace=ns)
+    accord.apply(*injected_namespace(ns, **{"pod-security.kubernetes.io/enforce": "restricted"}))
+    participants(accord, ns, "inventory")
     wait_available(accord, ns)
     pod = accord.get("pods", "-n", ns, "-l", "app=inventory")["items"][0]
     assert pod["spec"]["initContainers"][0]["name"] == "accord-sidecar"
@@ -320,7 +253,7 @@ def test_pods_created_while_the_webhook_is_down_are_reported(accord: E2ECluster)
     )
     try:
         # Asked for the sidecar by annotation: the object webhook's failurePolicy is Ignore.
-        docs = participant(accord, "payment")
+        docs = participant(accord.images["samples"], "payment")
         template = docs[0]["spec"]["template"]
         template["metadata"]["annotations"]["accord.dev/inject"] = "true"
         template["spec"].pop("serviceAccountName")

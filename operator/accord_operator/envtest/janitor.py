@@ -58,16 +58,20 @@ def cleanup(spec: dict[str, list[str]]) -> list[str]:
         shutil.rmtree(directory, ignore_errors=True)
         if Path(directory).exists():
             left.append(directory)
+    for path in spec.get("files", []):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
     return left
 
 
 def main() -> int:
     spec_path = Path(sys.argv[1])
-    spec = json.loads(spec_path.read_text())
-    owner = int(spec["owner"])
+    owner = int(json.loads(spec_path.read_text())["owner"])
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # the owner stopped cleanly
     while alive(owner):
         time.sleep(0.2)
+    # Read again: the owner adds to the spec as the node comes up.
+    spec = json.loads(spec_path.read_text())
     # The node's processes die with their owner; give the kernel a moment to tear the
     # namespaces down before removing what they used.
     deadline = time.monotonic() + 10

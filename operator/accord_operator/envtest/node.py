@@ -19,7 +19,6 @@ and directories.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import json
 import os
@@ -336,12 +335,13 @@ class LocalCluster:
         )
 
     def _write_janitor_spec(self) -> Path:
-        # Outside the run dir: the janitor deletes that. /run is tmpfs; nothing persists.
+        """Write (again) what the janitor must undo; it re-reads it when we die."""
+        # Outside the run dir, which the janitor deletes; it deletes this file last.
         path = Path(tempfile.gettempdir()) / f"accord-janitor-{self.id}.json"
-        path.write_text(json.dumps(self._cleanup))
-        if str(path) not in self._cleanup.setdefault("files", []):
-            self._cleanup["files"].append(str(path))
-            path.write_text(json.dumps(self._cleanup))
+        self._cleanup["files"] = [str(path)]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self._cleanup))
+        tmp.rename(path)  # never half-written when the janitor reads it
         return path
 
     def _issue(self, name: str, cn: str, orgs: tuple[str, ...] = ()) -> Path:
@@ -665,9 +665,6 @@ disabled_plugins = ['io.containerd.nri.v1.nri', 'io.containerd.tracing.processor
             self.cp.stop()
         if self._cleanup:
             janitor.cleanup(self._cleanup)
-            for f in self._cleanup.get("files", []):
-                with contextlib.suppress(OSError):
-                    os.unlink(f)
         if self._janitor is not None and self._janitor.poll() is None:
             self._janitor.send_signal(signal.SIGTERM)
             self._janitor.wait()

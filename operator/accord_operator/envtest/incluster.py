@@ -1,0 +1,116 @@
+"""Accord installed in a cluster with a real node, as a user would: the Helm chart with the
+images built here, and the sample participants as Deployments whose pods get the sidecar.
+Shared by the in-cluster tests and the demo's --real-node mode."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from accord_operator.envtest.binaries import REPO_ROOT, find_helm
+
+CHART = REPO_ROOT / "manifests" / "chart"
+RELEASE = "accord"
+SYSTEM_NAMESPACE = "accord-system"
+PARTICIPANT_SA = "shop"
+SHOP_ROLES = ("inventory", "payment", "shipping")
+# What PSS `restricted` asks of a container.
+RESTRICTED = {
+    "runAsNonRoot": True,
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def split_ref(ref: str) -> tuple[str, str]:
+    repository, _, tag = ref.rpartition(":")
+    return repository, tag
+
+
+def helm(kubeconfig: Path, *args: str, timeout: float = 600) -> str:
+    result = subprocess.run(
+        [str(find_helm()), f"--kubeconfig={kubeconfig}", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"helm {' '.join(args)} failed:\n{result.stderr}")
+    return result.stdout
+
+
+def install_chart(kubeconfig: Path, images: dict[str, str], *extra: str) -> None:
+    """helm install the chart with our images (present on the node: never pulled)."""
+    repository, tag = split_ref(images["operator"])
+    helm(
+        kubeconfig,
+        "install", RELEASE, str(CHART), "-n", SYSTEM_NAMESPACE, "--create-namespace",
+        "--wait", "--timeout", "5m",
+        "--set", f"image.repository={repository}",
+        "--set", f"image.tag={tag}",
+        "--set", "image.pullPolicy=Never",
+        "--set", f"sidecar.image={images['sidecar']}",
+        "--set", "nats.url=",
+        *extra,
+    )  # fmt: skip
+
+
+def injected_namespace(name: str, **labels: str) -> list[dict[str, Any]]:
+    """A namespace with injection on, the participants' service account, and its right to
+    check callers' tokens (the sidecar's TokenReview)."""
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {"name": name, "labels": {"accord.dev/injection": "enabled", **labels}},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": PARTICIPANT_SA, "namespace": name},
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": f"{name}-{PARTICIPANT_SA}-auth-delegator"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": "system:auth-delegator",
+            },
+            "subjects": [{"kind": "ServiceAccount", "name": PARTICIPANT_SA, "namespace": name}],
+        },
+    ]
+
+
+def participant(samples_image: str, role: str, **pod_spec: Any) -> list[dict[str, Any]]:
+    """A sample participant (examples/services/shop.py) as a Deployment, and its Service,
+    which points at the sidecar's inbound port as the saga wire contract expects."""
+    labels = {"app": role}
+    container = {
+        "name": role,
+        "image": samples_image,
+        "imagePullPolicy": "Never",
+        "args": ["shop.py", "--role", role, "--port", "8080"],
+        "securityContext": RESTRICTED,
+    }
+    template = {
+        "metadata": {"labels": labels, "annotations": {"accord.dev/app-port": "8080"}},
+        "spec": {"serviceAccountName": PARTICIPANT_SA, "containers": [container], **pod_spec},
+    }
+    return [
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": role},
+            "spec": {"selector": {"matchLabels": labels}, "template": template},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": role},
+            "spec": {"selector": labels, "ports": [{"name": "inbound", "port": 3501}]},
+        },
+    ]
