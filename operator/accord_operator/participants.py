@@ -7,10 +7,10 @@ timeout or a connection error is retried.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -18,9 +18,9 @@ import aiohttp
 from accord_operator.kubeapi import ApiError, KubeApi
 
 RETRYABLE_4XX = frozenset({408, 409, 429})
-SA_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
 _CACHE_TTL_S = 5.0
-_TOKEN_TTL_S = 60.0
+# The API server's minimum; renewed when less than a fifth of it is left.
+_TOKEN_LIFETIME_S = 600
 
 
 @dataclass(frozen=True)
@@ -37,14 +37,50 @@ class ServiceNotFound(Exception):
     pass
 
 
+class AudienceToken:
+    """A short-lived token of the operator's service account for one audience (TokenRequest).
+
+    What participants receive instead of the operator's own API token: the API server
+    refuses it (its audience is not the API server's), and a participant's sidecar accepts it
+    only with TokenReview for this audience. So a participant, or whatever host a Service
+    names, can do nothing with it but recognise the operator.
+    """
+
+    def __init__(self, api: KubeApi, namespace: str, service_account: str, audience: str) -> None:
+        self.api = api
+        self.path = f"/api/v1/namespaces/{namespace}/serviceaccounts/{service_account}/token"
+        self.audience = audience
+        self._token = ""
+        self._renew_at = float("-inf")
+        self._lock = asyncio.Lock()
+
+    async def get(self) -> str:
+        if time.monotonic() < self._renew_at:
+            return self._token
+        async with self._lock:
+            if time.monotonic() >= self._renew_at:
+                request = {
+                    "apiVersion": "authentication.k8s.io/v1",
+                    "kind": "TokenRequest",
+                    "spec": {"audiences": [self.audience], "expirationSeconds": _TOKEN_LIFETIME_S},
+                }
+                answer = await self.api.request("POST", self.path, request)
+                self._token = answer["status"]["token"]
+                self._renew_at = time.monotonic() + _TOKEN_LIFETIME_S * 0.8
+        return self._token
+
+
 class Participants:
-    def __init__(self, api: KubeApi, token: str = "") -> None:
+    def __init__(
+        self, api: KubeApi, token: str = "", audience_token: AudienceToken | None = None
+    ) -> None:
+        """token: a shared bearer token (local runs); audience_token: in a cluster. Never
+        the operator's own API token: that one is only ever sent to the API server."""
         self.api = api
         self.token = token
+        self.audience_token = audience_token
         self._session: aiohttp.ClientSession | None = None
         self._services: dict[tuple[str, str, int], tuple[float, str]] = {}
-        self._sa_token = ""
-        self._sa_read_at = float("-inf")
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -78,15 +114,12 @@ class Participants:
         self._services[key] = (time.monotonic(), url)
         return url
 
-    def _auth(self) -> dict[str, str]:
+    async def _auth(self) -> dict[str, str]:
         if self.token:
             return {"Authorization": f"Bearer {self.token}"}
-        # The kubelet rotates the projected token file; re-reading it once a minute is
-        # plenty, and keeps a file read off every participant call.
-        if time.monotonic() - self._sa_read_at > _TOKEN_TTL_S:
-            self._sa_token = SA_TOKEN.read_text().strip() if SA_TOKEN.exists() else ""
-            self._sa_read_at = time.monotonic()
-        return {"Authorization": f"Bearer {self._sa_token}"} if self._sa_token else {}
+        if self.audience_token is not None:
+            return {"Authorization": f"Bearer {await self.audience_token.get()}"}
+        return {}
 
     async def call(
         self,
@@ -97,12 +130,17 @@ class Participants:
         method: str = "POST",
     ) -> Answer:
         try:
+            auth = await self._auth()
+        except ApiError as exc:
+            # Not the participant's fault, and nothing was sent: retried, never unknown.
+            return Answer(False, True, False, 0, None, f"no participant token: {exc}")
+        try:
             async with self.session.request(
                 method,
                 url,
                 data=json.dumps(payload),
                 allow_redirects=False,
-                headers={"Content-Type": "application/json", **self._auth(), **headers},
+                headers={"Content-Type": "application/json", **auth, **headers},
                 timeout=aiohttp.ClientTimeout(total=timeout_s),
             ) as r:
                 raw = await r.read()

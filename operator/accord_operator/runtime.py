@@ -18,7 +18,7 @@ from accord_operator import __version__, metrics
 from accord_operator.injector import handlers as injector_handlers
 from accord_operator.injector.patch import Injector, supports_native_sidecars
 from accord_operator.kubeapi import KubeApi
-from accord_operator.participants import Participants
+from accord_operator.participants import AudienceToken, Participants
 from accord_operator.projection import handlers as projection_handlers
 from accord_operator.resources import GROUP
 from accord_operator.saga import handlers as saga_handlers
@@ -64,6 +64,7 @@ def registry_for(mode: Mode) -> kopf.OperatorRegistry:
         injector_handlers.register_controllers(registry)
     if mode in (Mode.ALL, Mode.WEBHOOK):
         injector_handlers.register_webhooks(registry)
+        saga_handlers.register_webhooks(registry)
     return registry
 
 
@@ -116,6 +117,7 @@ async def make_injector(settings: Settings, api: KubeApi) -> Injector:
         nats_url=settings.nats_url,
         native_by_default=native,
         operator_namespace=settings.operator_namespace,
+        token_audience=settings.participant_audience,
     )
 
 
@@ -130,7 +132,17 @@ async def run(settings: Settings, mode: Mode = Mode.ALL, stop: asyncio.Event | N
 
     server = webhook_server(settings) if mode in (Mode.ALL, Mode.WEBHOOK) else None
     api = KubeApi()
-    participants = Participants(api, token=settings.participant_token)
+    # In a cluster (the chart sets our service account), participants get an audience token.
+    in_cluster = bool(settings.service_account and settings.operator_namespace)
+    audience_token = None
+    if in_cluster and not settings.participant_token:
+        audience_token = AudienceToken(
+            api,
+            settings.operator_namespace,
+            settings.service_account,
+            settings.participant_audience,
+        )
+    participants = Participants(api, settings.participant_token, audience_token)
     memo = kopf.Memo(
         injector=await make_injector(settings, api), api=api, sagas=SagaDriver(api, participants)
     )

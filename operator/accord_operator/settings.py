@@ -27,6 +27,10 @@ def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
     return raw
 
 
+# The audience of the tokens participants receive (the sidecar checks it; DESIGN.md).
+PARTICIPANT_AUDIENCE = "accord.dev/participant"
+
+
 @dataclass(frozen=True)
 class Settings:
     namespaces: tuple[str, ...] = ()  # empty: every namespace
@@ -39,6 +43,9 @@ class Settings:
     operator_namespace: str = ""  # never injected
     native_sidecars: str = "auto"  # auto (from the cluster version), true or false
     participant_token: str = ""  # bearer token for participants' sidecars (local runs)
+    # In a cluster: participants get a token of this service account for this audience.
+    service_account: str = ""
+    participant_audience: str = PARTICIPANT_AUDIENCE
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -57,4 +64,6 @@ class Settings:
             operator_namespace=env.get("ACCORD_OPERATOR_NAMESPACE", env.get("POD_NAMESPACE", "")),
             native_sidecars=_choice(env, "ACCORD_NATIVE_SIDECARS", ("auto", "true", "false")),
             participant_token=env.get("ACCORD_PARTICIPANT_TOKEN", ""),
+            service_account=env.get("ACCORD_SERVICE_ACCOUNT", ""),
+            participant_audience=env.get("ACCORD_PARTICIPANT_AUDIENCE", "") or PARTICIPANT_AUDIENCE,
         )

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import ssl
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -120,11 +123,17 @@ def test_dedup_table_survives_a_sidecar_restart(spawn: Callable[..., Any], tmp_p
 def test_service_account_tokens_are_checked_with_token_review(
     spawn: Callable[..., Any], cluster: Cluster, namespace: str
 ) -> None:
-    """The same sidecar, authenticating callers with TokenReview on the real API server."""
+    """The same sidecar, authenticating callers with TokenReview on the real API server:
+    only tokens for the participant audience, never a token good for the API server."""
     for sa in ("saga-operator", "stranger"):
         cluster.kubectl("create", "serviceaccount", sa, "-n", namespace)
-    good = cluster.kubectl("create", "token", "saga-operator", "-n", namespace).strip()
-    other = cluster.kubectl("create", "token", "stranger", "-n", namespace).strip()
+
+    def token(sa: str, *audience: str) -> str:
+        return cluster.kubectl("create", "token", sa, "-n", namespace, *audience).strip()
+
+    good = token("saga-operator", "--audience=accord.dev/participant")
+    other = token("stranger", "--audience=accord.dev/participant")
+    api_token = token("saga-operator")  # the API server's audience
     assert cluster.cp.dir is not None
     pki = cluster.cp.dir / "pki"
     app: Recorder = spawn(Recorder, "inventory-app")
@@ -159,4 +168,17 @@ def test_service_account_tokens_are_checked_with_token_review(
         )[0]
         == 401
     )
+    # The operator's own API token is refused: it is for another audience.
+    status, body, _ = request(
+        "POST", f"{sidecar.inbound}/reserve", {}, headers={"Authorization": f"Bearer {api_token}"}
+    )
+    assert status == 401 and "accord.dev/participant" in body["error"]["message"]
+    # And the API server refuses the participant token: it is good for nothing there.
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    api_call = urllib.request.Request(
+        f"{cluster.cp.server}/api/v1/namespaces", headers={"Authorization": f"Bearer {good}"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(api_call, context=ctx, timeout=10)
+    assert refused.value.code == 401
     assert len(app.calls("/reserve")) == 1

@@ -7,15 +7,21 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
+import ssl
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from accord_operator.envtest.binaries import find_binaries
 from accord_operator.envtest.incluster import helm
@@ -28,13 +34,19 @@ IMAGES = {
 }
 
 
-def run(*args: str, input: str | None = None, timeout: float = 600, check: bool = True) -> str:
+def run(
+    *args: str,
+    input: str | None = None,
+    timeout: float = 600,
+    check: bool = True,
+    stderr: bool = False,
+) -> str:
     result = subprocess.run(
         list(args), capture_output=True, text=True, input=input, timeout=timeout
     )
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)}:\n{result.stdout}\n{result.stderr}")
-    return result.stdout
+    return result.stdout + (result.stderr if stderr else "")
 
 
 @dataclass
@@ -45,18 +57,74 @@ class E2ECluster:
     kubeconfig: Path
     images: dict[str, str]  # name -> image reference
     logs: Callable[[str], str] = field(default=lambda _name: "")
+    audit_log: Path | None = None  # the API server's, where the provider has one of ours
 
-    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> str:
+    def webhooks_called_for_pod(self, namespace: str, name: str) -> list[str]:
+        """The mutating webhooks the API server called when this pod was created."""
+        assert self.audit_log is not None
+        time.sleep(2)  # the audit log is written in batches of at most a second
+        called = []
+        for line in self.audit_log.read_text().splitlines():
+            event = json.loads(line)
+            ref = event.get("objectRef") or {}
+            if (event["verb"], ref.get("resource"), ref.get("namespace")) != (
+                "create",
+                "pods",
+                namespace,
+            ) or not (ref.get("name") == name or f'"name":"{name}"' in line):
+                continue
+            for key, value in (event.get("annotations") or {}).items():
+                if "mutation.webhook.admission.k8s.io" in key:
+                    called.append(json.loads(value)["webhook"])
+        return called
+
+    def calls_of(self, username: str) -> dict[tuple[str, str], set[str]]:
+        """What this user asked the API server for, from its audit log, as RBAC keys."""
+        assert self.audit_log is not None
+        time.sleep(2)  # the audit log is written in batches of at most a second
+        calls: dict[tuple[str, str], set[str]] = {}
+        for line in self.audit_log.read_text().splitlines():
+            event = json.loads(line)
+            ref = event.get("objectRef")
+            if event["user"]["username"] != username or ref is None:
+                continue
+            resource = ref["resource"] + (
+                f"/{ref['subresource']}" if ref.get("subresource") else ""
+            )
+            calls.setdefault((ref.get("apiGroup", ""), resource), set()).add(event["verb"])
+        return calls
+
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = True, stderr: bool = False
+    ) -> str:
+        """kubectl's stdout (with stderr: both, for refusals)."""
         return run(
             str(find_binaries().kubectl),
             f"--kubeconfig={self.kubeconfig}",
             *args,
             input=input,
             check=check,
+            stderr=stderr,
         )
 
     def helm(self, *args: str, timeout: float = 600) -> str:
         return helm(self.kubeconfig, *args, timeout=timeout)
+
+    def api_status(self, path: str, token: str) -> int:
+        """The API server's HTTP status for GET path with this bearer token only."""
+        config = yaml.safe_load(self.kubeconfig.read_text())
+        cluster = config["clusters"][0]["cluster"]
+        ctx = ssl.create_default_context(
+            cadata=base64.b64decode(cluster["certificate-authority-data"]).decode()
+        )
+        request = urllib.request.Request(
+            cluster["server"] + path, headers={"Authorization": f"Bearer {token}"}
+        )
+        try:
+            with urllib.request.urlopen(request, context=ctx, timeout=10) as r:
+                return int(r.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
 
     def apply(self, *docs: dict[str, Any], namespace: str | None = None) -> None:
         ns = ["-n", namespace] if namespace else []
@@ -119,6 +187,7 @@ def node_cluster() -> Iterator[E2ECluster]:
             cluster.kubeconfig,
             {name: image.ref for name, image in images.items()},
             logs=cluster.log_tail,
+            audit_log=cluster.cp.audit_log if cluster.cp else None,
         )
 
 

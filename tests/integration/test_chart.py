@@ -149,3 +149,65 @@ def test_the_api_server_accepts_every_rendered_object(cluster: Cluster, namespac
     # (a live Fail webhook with no pods behind it would block every other test's pods).
     out = cluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-", input=text)
     assert out.count("(server dry run)") == len(docs)
+
+
+def _grants(docs: list[dict[str, Any]], namespace: str | None = None) -> Any:
+    from accord_operator.permissions import rules_to_grants
+
+    rules = [
+        r
+        for d in docs
+        if d["kind"] in ("ClusterRole", "Role")
+        and d["metadata"]["name"].startswith("accord-controller")
+        and (namespace is None or d["kind"] == "ClusterRole"
+             or d["metadata"].get("namespace") in (namespace, "accord-system"))
+        for r in d["rules"]
+    ]  # fmt: skip
+    return rules_to_grants(rules)
+
+
+def test_the_chart_grants_the_controller_exactly_the_calls_the_code_makes() -> None:
+    from accord_operator.permissions import CONTROLLER
+
+    assert _grants(render()) == CONTROLLER
+    # Watching namespaces: the same calls, but pods, sagas and the rest only in those.
+    docs = render("watchNamespaces={team-a,team-b}")
+    assert _grants(docs, "team-a") == CONTROLLER
+    (cluster_role,) = [
+        d
+        for d in docs
+        if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "accord-controller"
+    ]
+    assert {r for rule in cluster_role["rules"] for r in rule["resources"]} == {
+        "customresourcedefinitions",
+        "namespaces",
+    }
+    assert {d["metadata"]["namespace"] for d in docs if d["kind"] == "RoleBinding"} == {
+        "team-a",
+        "team-b",
+        "accord-system",
+    }
+
+
+def test_controller_and_webhook_run_under_separate_service_accounts() -> None:
+    docs = by_kind(render(), "Deployment")
+    accounts = {
+        d["metadata"]["name"]: d["spec"]["template"]["spec"]["serviceAccountName"] for d in docs
+    }
+    assert accounts == {
+        "accord-controller": "accord-controller",
+        "accord-webhook": "accord-webhook",
+    }
+    from accord_operator.permissions import WEBHOOK, rules_to_grants
+
+    docs = render()
+    bound = {
+        d["roleRef"]["name"]
+        for d in docs
+        if d["kind"] in ("ClusterRoleBinding", "RoleBinding")
+        for s in d["subjects"]
+        if s.get("name") == "accord-webhook"
+    }
+    rules = [r for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"] in bound
+             for r in d["rules"]]  # fmt: skip
+    assert rules_to_grants(rules) == WEBHOOK

@@ -17,7 +17,7 @@ from typing import Any
 
 from accord_operator.envtest.certs import CertificateAuthority
 from accord_operator.envtest.controlplane import die_with_parent, free_port
-from tests.support.cluster import Cluster
+from tests.support.cluster import REPO, Cluster
 
 
 @dataclass
@@ -127,9 +127,12 @@ def webhook_configuration(
     """The two webhooks the chart installs, scoped to one test namespace.
 
     Pods of a namespace labelled accord.dev/injection=enabled go to /inject-sidecar-namespace;
-    every other pod goes to /inject-sidecar, which injects only on the pod annotation.
+    every other pod goes to /inject-sidecar, which injects only on the pod annotation. Each
+    keeps the chart's own matchConditions (which pods the API server sends at all).
     """
     import base64
+
+    conditions = {h["name"]: h["matchConditions"] for h in _chart_webhooks()}
 
     def hook(hook_name: str, path: str, injection: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -158,6 +161,7 @@ def webhook_configuration(
             "admissionReviewVersions": ["v1"],
             "timeoutSeconds": 5,
             "reinvocationPolicy": "Never",
+            "matchConditions": conditions[hook_name],
         }
 
     return {
@@ -177,6 +181,26 @@ def webhook_configuration(
             ),
         ],
     }
+
+
+def _chart_webhooks() -> list[dict[str, Any]]:
+    import subprocess
+
+    import yaml
+
+    from accord_operator.envtest.binaries import find_helm, pinned_kubernetes_version
+
+    out = subprocess.run(
+        [
+            str(find_helm()), "template", "accord", str(REPO / "manifests" / "chart"),
+            "--show-only", "templates/webhook-config.yaml",
+            "--kube-version", pinned_kubernetes_version().lstrip("v"),
+        ],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    docs = [d for d in yaml.safe_load_all(out) if d and d["kind"] == "MutatingWebhookConfiguration"]
+    webhooks: list[dict[str, Any]] = docs[0]["webhooks"]
+    return webhooks
 
 
 def create_pod(cluster: Cluster, namespace: str, pod: dict[str, Any]) -> tuple[int, str]:

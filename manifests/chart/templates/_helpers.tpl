@@ -18,6 +18,8 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
   value: {{ .Values.nats.url | quote }}
 - name: ACCORD_NAMESPACES
   value: {{ join "," .Values.watchNamespaces | quote }}
+- name: ACCORD_PARTICIPANT_AUDIENCE
+  value: {{ .Values.participants.audience | default "accord.dev/participant" | quote }}
 - name: ACCORD_METRICS_PORT
   value: {{ .Values.metrics.port | quote }}
 - name: ACCORD_OPERATOR_NAMESPACE

@@ -29,6 +29,21 @@ from accord_operator.envtest.certs import CertificateAuthority, service_account_
 _PREFIX = "accord-envtest-"
 SERVICE_CIDR = "10.0.0.0/24"
 SERVICE_IP_KUBERNETES = "10.0.0.1"
+_AUDIT_SERVICE_ACCOUNTS = {
+    "apiVersion": "audit.k8s.io/v1",
+    "kind": "Policy",
+    "omitStages": ["RequestReceived", "ResponseStarted"],
+    "rules": [
+        # Pod creations by anyone: their annotations say which admission webhooks were called.
+        {
+            "level": "Metadata",
+            "verbs": ["create"],
+            "resources": [{"group": "", "resources": ["pods"]}],
+        },
+        {"level": "Metadata", "userGroups": ["system:serviceaccounts"]},
+        {"level": "None"},
+    ],
+}
 _PR_SET_PDEATHSIG = 1
 
 
@@ -165,10 +180,21 @@ class ControlPlane:
         self.server = f"https://{self.address}:{api_port}"
         node_args: list[str] = []
         if self.for_nodes:
+            # What service accounts ask for (tests compare our grants with our calls), and
+            # which webhooks each pod creation went through.
+            policy = d / "audit-policy.yaml"
+            policy.write_text(yaml.safe_dump(_AUDIT_SERVICE_ACCOUNTS))
+            node_args += [
+                f"--audit-policy-file={policy}",
+                f"--audit-log-path={self.audit_log}",
+                "--audit-log-format=json",
+                "--audit-log-mode=batch",
+                "--audit-log-batch-max-wait=1s",
+            ]
             kubelet_cert, kubelet_key = ca.issue(
                 "kube-apiserver-kubelet-client", organizations=("system:masters",), client=True
             ).write(pki, "apiserver-kubelet-client")
-            node_args = [
+            node_args += [
                 "--enable-admission-plugins=NodeRestriction",
                 f"--kubelet-client-certificate={kubelet_cert}",
                 f"--kubelet-client-key={kubelet_key}",
@@ -231,6 +257,12 @@ class ControlPlane:
                     "--v=0",
                 ],
             )
+
+    @property
+    def audit_log(self) -> Path:
+        """JSON lines: every request of a service account (clusters for nodes only)."""
+        assert self.dir is not None
+        return self.dir / "audit.log"
 
     def _controllers(self) -> list[str]:
         # Only what workloads in tests need: no cloud. Without a node, no node controllers.

@@ -58,8 +58,8 @@ def install_chart(kubeconfig: Path, images: dict[str, str], *extra: str) -> None
 
 
 def injected_namespace(name: str, **labels: str) -> list[dict[str, Any]]:
-    """A namespace with injection on, the participants' service account, and its right to
-    check callers' tokens (the sidecar's TokenReview)."""
+    """A namespace with injection on, and the participants' service account (the chart lets
+    its sidecars check callers' tokens with TokenReview)."""
     return [
         {
             "apiVersion": "v1",
@@ -70,17 +70,6 @@ def injected_namespace(name: str, **labels: str) -> list[dict[str, Any]]:
             "apiVersion": "v1",
             "kind": "ServiceAccount",
             "metadata": {"name": PARTICIPANT_SA, "namespace": name},
-        },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "ClusterRoleBinding",
-            "metadata": {"name": f"{name}-{PARTICIPANT_SA}-auth-delegator"},
-            "roleRef": {
-                "apiGroup": "rbac.authorization.k8s.io",
-                "kind": "ClusterRole",
-                "name": "system:auth-delegator",
-            },
-            "subjects": [{"kind": "ServiceAccount", "name": PARTICIPANT_SA, "namespace": name}],
         },
     ]
 

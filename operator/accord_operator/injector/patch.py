@@ -33,6 +33,7 @@ class Injector:
     nats_url: str
     native_by_default: bool  # from the cluster version: native sidecars need >= 1.29
     operator_namespace: str = ""
+    token_audience: str = "accord.dev/participant"  # what the inbound port accepts
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,7 @@ def sidecar_container(
         # pod's namespace would otherwise hand the sidecar ACCORD_APP_PORT=tcp://... (the
         # kubelet's service links; the pod's own env wins over them).
         {"name": "ACCORD_APP_PORT", "value": str(config.app_port or "")},
+        {"name": "ACCORD_TOKEN_AUDIENCE", "value": injector.token_audience},
     ]
     optional = {
         "ACCORD_SUBSCRIBE": ",".join(config.subscribe) or None,

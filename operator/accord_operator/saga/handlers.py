@@ -1,4 +1,5 @@
-"""The kopf shell for SagaWorkflow: one daemon per saga drives it; deletion compensates."""
+"""The kopf shell for SagaWorkflow: one daemon per saga drives it; deletion compensates;
+admission refuses job steps to whoever could not create their pods."""
 
 from __future__ import annotations
 
@@ -8,7 +9,32 @@ from typing import Any
 import kopf
 
 from accord_operator.resources import GROUP, SAGA, VERSION
+from accord_operator.saga import admission
 from accord_operator.saga.runner import skip_compensation
+
+
+def register_webhooks(registry: kopf.OperatorRegistry) -> None:
+    @kopf.on.validate(
+        GROUP, VERSION, SAGA.plural, id="saga-job-steps", operations=["CREATE", "UPDATE"],
+        registry=registry,
+    )  # fmt: skip
+    async def saga_job_steps(
+        spec: kopf.Spec,
+        old: kopf.Body | None,
+        userinfo: dict[str, Any],
+        namespace: str | None,
+        memo: kopf.Memo,
+        **_: Any,
+    ) -> None:
+        steps = admission.job_steps(spec)
+        if not steps or (old is not None and dict(old.get("spec") or {}) == dict(spec)):
+            return  # nothing runs a pod, or the spec did not change (labels, annotations)
+        review = admission.pod_access_review(userinfo, namespace or "")
+        answer = await memo.api.request(
+            "POST", "/apis/authorization.k8s.io/v1/subjectaccessreviews", review
+        )
+        if not (answer.get("status") or {}).get("allowed"):
+            raise kopf.AdmissionError(admission.refusal(steps, userinfo, namespace or ""), code=403)
 
 
 def register(registry: kopf.OperatorRegistry) -> None:

@@ -76,6 +76,14 @@ async def _http(
     )
 
 
+RESTRICTED_CONTAINER: dict[str, Any] = {
+    "runAsNonRoot": True,
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
 def pod_name(saga: str, step: str, kind: str, attempt: int) -> str:
     """Deterministic per attempt, so a restarted operator finds the pod it created."""
     base = re.sub(r"[^a-z0-9-]", "-", f"{saga}-{step}-{kind[0]}{attempt}".lower())
@@ -109,6 +117,9 @@ async def _job(
         "image": job["image"],
         "env": env,
         "terminationMessagePolicy": "FallbackToLogsOnError",
+        # PSS `restricted` by default, so namespaces that enforce it run job steps; an
+        # image that must run as root says so in job.securityContext.
+        "securityContext": {**RESTRICTED_CONTAINER, **(job.get("securityContext") or {})},
     }
     for key in ("command", "args"):
         if job.get(key):

@@ -1,5 +1,6 @@
 """Who may call the inbound port: a shared token (local runs) or a Kubernetes
-service-account token checked with TokenReview (cached), against an allow-list."""
+service-account token for the participant audience, checked with TokenReview (cached),
+against an allow-list."""
 
 from __future__ import annotations
 
@@ -98,7 +99,7 @@ class Authenticator:
         review = {
             "apiVersion": "authentication.k8s.io/v1",
             "kind": "TokenReview",
-            "spec": {"token": token},
+            "spec": {"token": token, "audiences": [c.token_audience]},
         }
         try:
             async with self.session.post(
@@ -108,13 +109,21 @@ class Authenticator:
                 ssl=self._context(),
                 timeout=aiohttp.ClientTimeout(total=5),
             ) as r:
+                if r.status == 403:
+                    return Verdict(
+                        503,
+                        "this sidecar may not check tokens: its service account needs "
+                        "system:auth-delegator (TokenReview)",
+                    )
                 if r.status != 201 and r.status != 200:
                     return Verdict(503, f"TokenReview failed with HTTP {r.status}")
                 status = (await r.json()).get("status") or {}
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             return Verdict(503, f"TokenReview unavailable: {exc or type(exc).__name__}")
         if not status.get("authenticated"):
-            return Verdict(401, "token not authenticated")
+            return Verdict(401, f"token not authenticated for audience {c.token_audience}")
+        if c.token_audience not in (status.get("audiences") or []):
+            return Verdict(401, f"token is not for audience {c.token_audience}")
         identity = (status.get("user") or {}).get("username", "")
         if not allowed(identity, c.allowed_service_accounts):
             return Verdict(403, f"{identity} is not allowed to call this service")

@@ -128,6 +128,9 @@ class Config:
     kube_token_file: str = ""
     kube_client_cert: str = ""
     kube_client_key: str = ""
+    # Callers' service-account tokens must be for this audience (TokenRequest): a token
+    # for the API server, which could do anything there, is never accepted here.
+    token_audience: str = "accord.dev/participant"
     shutdown_grace_s: int = 20
     log_level: str = "info"
     in_cluster: bool = False  # resolve unknown services through cluster DNS
@@ -202,6 +205,7 @@ class Config:
             ),
             kube_client_cert=env.get("ACCORD_KUBE_CLIENT_CERT", ""),
             kube_client_key=env.get("ACCORD_KUBE_CLIENT_KEY", ""),
+            token_audience=env.get("ACCORD_TOKEN_AUDIENCE", "") or "accord.dev/participant",
             shutdown_grace_s=_int(env, "ACCORD_SHUTDOWN_GRACE_S", 20, 0, 3600),
             log_level=env.get("ACCORD_LOG_LEVEL", "info").lower(),
             in_cluster=in_cluster or "ACCORD_POD_NAMESPACE" in env,

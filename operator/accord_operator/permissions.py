@@ -1,0 +1,62 @@
+"""Every Kubernetes API call each component makes, as RBAC sees it: the chart grants exactly
+these (tests compare the chart's rules with this table, and this table with the calls the
+API server's audit log saw in a real cluster).
+
+Keys are (apiGroup, resource[/subresource]); values the verbs.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+Grants = dict[tuple[str, str], frozenset[str]]
+
+_KINDS = ("sagaworkflows", "twophasetransactions", "cqrsprojections")
+
+# The reconcilers (kopf and our own client).
+CONTROLLER: Final[Grants] = {
+    # kopf lists and watches the three kinds, patches its annotations and finalizer;
+    # the reconcilers read one object and patch its status.
+    **{("accord.dev", kind): frozenset({"get", "list", "watch", "patch"}) for kind in _KINDS},
+    **{("accord.dev", f"{kind}/status"): frozenset({"get", "patch"}) for kind in _KINDS},
+    # A job step's pod has blockOwnerDeletion on its saga: clusters enforcing owner
+    # references check update on the owner's finalizers when the pod is created.
+    ("accord.dev", "sagaworkflows/finalizers"): frozenset({"update"}),
+    # Job steps: create the pod, poll it, delete it on timeout; the miss detector watches.
+    ("", "pods"): frozenset({"get", "list", "watch", "create", "delete"}),
+    ("", "services"): frozenset({"get"}),  # participants resolved from their Service
+    ("", "events"): frozenset({"create"}),
+    ("apiextensions.k8s.io", "customresourcedefinitions"): frozenset({"list", "watch"}),
+    ("", "namespaces"): frozenset({"get", "list", "watch"}),
+    # TokenRequest for its own account, for the participant audience (a namespaced Role).
+    ("", "serviceaccounts/token"): frozenset({"create"}),
+}
+
+# Granted, but no in-cluster scenario makes the call (so the audit log cannot show it):
+# why each is still needed.
+CONTROLLER_NOT_SEEN: Final[dict[tuple[str, str], tuple[frozenset[str], str]]] = {
+    ("accord.dev", "sagaworkflows/finalizers"): (
+        frozenset({"update"}),
+        "checked by the API server inside pod creation, never called directly",
+    ),
+    ("", "pods"): (frozenset({"delete"}), "only when a job step's pod outlives its timeout"),
+}
+
+# The admission webhook: only the question whether a saga's creator may create the pods
+# of its job steps (SubjectAccessReview).
+WEBHOOK: Final[Grants] = {
+    ("authorization.k8s.io", "subjectaccessreviews"): frozenset({"create"}),
+}
+
+
+def rules_to_grants(rules: list[dict[str, object]]) -> Grants:
+    """An RBAC rules list as the same table (resourceNames ignored: they only narrow)."""
+    grants: dict[tuple[str, str], set[str]] = {}
+    for rule in rules:
+        for group in rule.get("apiGroups") or []:  # type: ignore[attr-defined]
+            for resource in rule.get("resources") or []:  # type: ignore[attr-defined]
+                grants.setdefault((str(group), str(resource)), set()).update(
+                    str(v)
+                    for v in rule.get("verbs") or []  # type: ignore[attr-defined]
+                )
+    return {key: frozenset(verbs) for key, verbs in grants.items()}
