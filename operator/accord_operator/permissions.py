@@ -15,10 +15,11 @@ _KINDS = ("sagaworkflows", "twophasetransactions", "cqrsprojections")
 
 # The reconcilers (kopf and our own client).
 CONTROLLER: Final[Grants] = {
-    # kopf lists and watches the three kinds, patches its annotations and finalizer;
-    # the reconcilers read one object and patch its status.
-    **{("accord.dev", kind): frozenset({"get", "list", "watch", "patch"}) for kind in _KINDS},
-    **{("accord.dev", f"{kind}/status"): frozenset({"get", "patch"}) for kind in _KINDS},
+    # kopf lists and watches the three kinds and patches its annotations and finalizer;
+    # the saga driver reads its saga; every reconciler patches the status subresource.
+    **{("accord.dev", kind): frozenset({"list", "watch", "patch"}) for kind in _KINDS},
+    ("accord.dev", "sagaworkflows"): frozenset({"get", "list", "watch", "patch"}),
+    **{("accord.dev", f"{kind}/status"): frozenset({"patch"}) for kind in _KINDS},
     # A job step's pod has blockOwnerDeletion on its saga: clusters enforcing owner
     # references check update on the owner's finalizers when the pod is created.
     ("accord.dev", "sagaworkflows/finalizers"): frozenset({"update"}),
@@ -27,7 +28,7 @@ CONTROLLER: Final[Grants] = {
     ("", "services"): frozenset({"get"}),  # participants resolved from their Service
     ("", "events"): frozenset({"create"}),
     ("apiextensions.k8s.io", "customresourcedefinitions"): frozenset({"list", "watch"}),
-    ("", "namespaces"): frozenset({"get", "list", "watch"}),
+    ("", "namespaces"): frozenset({"get"}),  # is injection enabled there (miss detector)
     # TokenRequest for its own account, for the participant audience (a namespaced Role).
     ("", "serviceaccounts/token"): frozenset({"create"}),
 }
@@ -46,6 +47,8 @@ CONTROLLER_NOT_SEEN: Final[dict[tuple[str, str], tuple[frozenset[str], str]]] = 
 # of its job steps (SubjectAccessReview).
 WEBHOOK: Final[Grants] = {
     ("authorization.k8s.io", "subjectaccessreviews"): frozenset({"create"}),
+    # kopf resolves the custom resource its saga admission handler is for.
+    ("apiextensions.k8s.io", "customresourcedefinitions"): frozenset({"list", "watch"}),
 }
 
 

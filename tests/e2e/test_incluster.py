@@ -331,6 +331,19 @@ def test_pods_created_while_the_webhook_is_down_are_reported(accord: E2ECluster)
         accord.kubectl("rollout", "status", "deployment", webhook, "-n", SYSTEM, "--timeout=120s")
 
 
+def test_two_phase_and_projection_resources_are_accepted(accord: E2ECluster) -> None:
+    for name in ("tpc-transfer.yaml", "projection-orders.yaml"):
+        accord.kubectl("apply", "-n", SHOP, "-f", str(EXAMPLES / name))
+    for kind in ("tpc", "proj"):
+        accord.wait_until(
+            f"the {kind} accepted",
+            lambda kind=kind: all(
+                (i.get("status") or {}).get("phase") == "Pending"
+                for i in accord.get(kind, "-n", SHOP)["items"]
+            ),
+        )
+
+
 def test_a_tenant_who_cannot_create_pods_is_refused_a_job_step_saga(accord: E2ECluster) -> None:
     tenant = "tenant"
     accord.apply(
@@ -399,7 +412,9 @@ def test_each_component_is_granted_exactly_the_calls_it_makes(accord: E2ECluster
         for key, verbs in CONTROLLER.items()
         if verbs - used.get(key, set())
     }
-    assert unused == {key: verbs for key, (verbs, _) in CONTROLLER_NOT_SEEN.items()}
+    assert unused == {key: verbs for key, (verbs, _) in CONTROLLER_NOT_SEEN.items()}, (
+        f"granted but never called: {unused}; called: {used}"
+    )
     # The webhook asked exactly its one question (the tenant's job-step saga, above).
     assert accord.calls_of(f"system:serviceaccount:{SYSTEM}:{RELEASE}-webhook") == {
         key: set(verbs) for key, verbs in WEBHOOK.items()

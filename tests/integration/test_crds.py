@@ -195,6 +195,22 @@ INVALID: list[tuple[str, Obj, list[str]]] = [
         ["spec.steps[0].action.http.path", "should match"],
     ),
     (
+        # A CR or LF would end the participant's request line; never silently stripped.
+        "saga-path-with-newline",
+        _mutate(_SAGA, lambda o: _step(o, 0)["action"]["http"].update(path="/reserve\r\nX: 1")),
+        ["spec.steps[0].action.http.path", "should match"],
+    ),
+    (
+        "saga-job-bad-service-account",
+        _mutate(
+            _SAGA,
+            lambda o: _step(o, 0).update(
+                action={"job": {"image": "i", "serviceAccountName": "A B"}}
+            ),
+        ),
+        ["spec.steps[0].action.job.serviceAccountName", "should match"],
+    ),
+    (
         "saga-pivot-with-compensation",
         _mutate(
             _SAGA,

@@ -152,6 +152,17 @@ def test_pivot_goes_forward(bed: SagaBed) -> None:
     assert "release" not in bed.calls("inventory")
 
 
+def test_a_finished_saga_keeps_no_finalizer(bed: SagaBed) -> None:
+    # Nothing is held and nothing will run: deleting it, or its namespace, must never wait
+    # on a controller (which may be gone, e.g. after helm uninstall).
+    bed.apply(bed.saga("finished", ORDER))
+    bed.wait("finished", "Succeeded")
+    bed.cluster.wait_for(
+        "saga", "finished", bed.namespace,
+        lambda s: "accord.dev/finalizer" not in (s["metadata"].get("finalizers") or []),
+    )  # fmt: skip
+
+
 def test_spec_is_immutable_once_started(bed: SagaBed) -> None:
     saga = bed.saga("frozen", ORDER)
     bed.apply(saga)
@@ -159,6 +170,7 @@ def test_spec_is_immutable_once_started(bed: SagaBed) -> None:
     saga["spec"]["steps"][0]["action"]["http"]["path"] = "/other"
     code, err = bed.cluster.try_apply(saga, bed.namespace)
     assert code != 0 and "spec is immutable once the saga has started" in err
+    assert "<nil>" not in err and "spec: Forbidden" in err  # the field is named
 
 
 def test_deleting_a_running_saga_compensates_first(bed: SagaBed) -> None:

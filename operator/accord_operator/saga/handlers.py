@@ -10,6 +10,7 @@ import kopf
 
 from accord_operator.resources import GROUP, SAGA, VERSION
 from accord_operator.saga import admission
+from accord_operator.saga.machine import needs_controller
 from accord_operator.saga.runner import skip_compensation
 
 
@@ -37,6 +38,10 @@ def register_webhooks(registry: kopf.OperatorRegistry) -> None:
             raise kopf.AdmissionError(admission.refusal(steps, userinfo, namespace or ""), code=403)
 
 
+def _unfinished(status: kopf.Status, **_: Any) -> bool:
+    return needs_controller(status)
+
+
 def register(registry: kopf.OperatorRegistry) -> None:
     @kopf.daemon(
         GROUP,
@@ -47,6 +52,9 @@ def register(registry: kopf.OperatorRegistry) -> None:
         cancellation_timeout=30,
         backoff=2,  # an API hiccup must not park a saga for kopf's default minute
         initial_delay=0,
+        # A finished saga has no daemon, and so (with the delete handler's filter) no
+        # finalizer: kopf removes it, and deleting the saga or its namespace never waits.
+        when=_unfinished,
     )
     async def saga_run(
         body: kopf.Body, stopped: kopf.DaemonStopped, memo: kopf.Memo, **_: Any
@@ -62,7 +70,10 @@ def register(registry: kopf.OperatorRegistry) -> None:
             annotations=lambda: body.metadata.annotations,
         )
 
-    @kopf.on.delete(GROUP, VERSION, SAGA.plural, id="saga-compensate-on-delete", registry=registry)
+    @kopf.on.delete(
+        GROUP, VERSION, SAGA.plural, id="saga-compensate-on-delete", registry=registry,
+        when=_unfinished,
+    )  # fmt: skip
     async def saga_delete(
         body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any
     ) -> None:

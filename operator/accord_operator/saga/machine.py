@@ -38,6 +38,17 @@ Spec = Mapping[str, Any]
 Rng = Callable[[], float]
 
 TERMINAL = ("Succeeded", "Compensated", "Failed")
+# Finished for good: nothing held, nothing to redrive, nothing to compensate on delete. Such
+# a saga needs no controller any more (and no finalizer: deleting it never hangs). A Failed
+# saga still holds what its compensation could not release.
+FINISHED = ("Succeeded", "Compensated")
+
+
+def needs_controller(status: Mapping[str, Any] | None) -> bool:
+    """Whether the operator must still drive (and guard the deletion of) this saga."""
+    return (status or {}).get("phase") not in FINISHED
+
+
 OUTPUT_LIMIT = 16 * 1024
 ERROR_LIMIT = 4000
 COMPLETED = ("Succeeded", "Compensating", "Compensated", "CompensationFailed")
