@@ -182,3 +182,33 @@ def test_service_account_tokens_are_checked_with_token_review(
         urllib.request.urlopen(api_call, context=ctx, timeout=10)
     assert refused.value.code == 401
     assert len(app.calls("/reserve")) == 1
+
+
+@pytest.mark.integration
+def test_a_sidecar_without_the_tokenreview_grant_says_which_grant(
+    spawn: Callable[..., Any], cluster: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    """Not a bare 503: the caller (the operator's saga status) reads what is missing."""
+    for sa in ("caller", "participant"):
+        cluster.kubectl("create", "serviceaccount", sa, "-n", namespace)
+    caller = cluster.kubectl(
+        "create", "token", "caller", "-n", namespace, "--audience=accord.dev/participant"
+    ).strip()
+    # The participant's own credentials: a service account with no grant at all.
+    token_file = tmp_path / "sa-token"
+    token_file.write_text(cluster.kubectl("create", "token", "participant", "-n", namespace))
+    assert cluster.cp.dir is not None
+    app: Recorder = spawn(Recorder, "inventory-app")
+    sidecar: Sidecar = spawn(
+        Sidecar,
+        "inventory",
+        ACCORD_APP_PORT=str(app.port),
+        ACCORD_KUBE_API_URL=cluster.cp.server,
+        ACCORD_KUBE_CA_FILE=str(cluster.cp.dir / "pki" / "ca.crt"),
+        ACCORD_KUBE_TOKEN_FILE=str(token_file),
+    )
+    status, body, _ = request(
+        "POST", f"{sidecar.inbound}/reserve", {}, headers={"Authorization": f"Bearer {caller}"}
+    )
+    assert status == 503 and "system:auth-delegator" in body["error"]["message"]
+    assert app.calls("/reserve") == []
