@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import enum
 import logging
+import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -91,6 +93,7 @@ def webhook_server(settings: Settings) -> kopf.WebhookServer:
         from accord_operator.envtest.certs import CertificateAuthority
 
         cert_dir = Path(tempfile.mkdtemp(prefix="accord-webhook-"))
+        atexit.register(shutil.rmtree, cert_dir, ignore_errors=True)  # no leftover per run
         ca = CertificateAuthority("accord-webhook-ca")
         (cert_dir / "ca.crt").write_bytes(ca.cert_pem)
         pair = ca.issue("accord-webhook", hosts=("127.0.0.1", "localhost"), server=True)
