@@ -64,7 +64,7 @@ make_base() {  # prints the reference of the base image made here (debootstrap)
     rm -rf "$work/rootfs"/var/cache/apt/archives/*.deb "$work/rootfs"/var/lib/apt/lists/* "$work/rootfs"/var/log/*
     tar -C "$work/rootfs" -cf "$work/rootfs.tar" .
     cp "$root/hack/images/base.Dockerfile" "$work/Dockerfile"
-    "${buildah[@]}" build --quiet --isolation chroot -t "$ref" -f "$work/Dockerfile" "$work" >/dev/null
+    "${buildah[@]}" build --quiet --isolation chroot --network host -t "$ref" -f "$work/Dockerfile" "$work" >/dev/null
     rm -rf "$work"
     trap - EXIT
   fi
@@ -96,7 +96,8 @@ for name in "${names[@]}"; do
   archive="$cache/$name-$key.tar"
   if [[ ! -s $archive ]]; then
     say "building $ref from ${dockerfile[$name]}"
-    "${buildah[@]}" build --quiet --isolation chroot --pull-never --build-arg "BASE=$base" \
+    # Host network for RUN steps: buildah would otherwise set up CNI (and leave /etc/cni).
+    "${buildah[@]}" build --quiet --isolation chroot --network host --pull-never --build-arg "BASE=$base" \
       "${run_mounts[@]}" -t "$ref" -f "$root/${dockerfile[$name]}" "$root/${context[$name]}" >/dev/null
     rm -f "$cache/$name"-*.tar
     "${buildah[@]}" push --quiet "$ref" "oci-archive:$archive.part:$ref"

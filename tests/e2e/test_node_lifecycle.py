@@ -33,6 +33,20 @@ time.sleep(600)
 """
 
 
+# Paths components write by default whatever their configuration says; a node of ours must
+# not create them on the host.
+HOST_PATHS = [
+    Path(p)
+    for p in ("/var/lib/kubelet", "/var/lib/cni", "/var/lib/containerd", "/etc/cni",
+              "/run/containerd", "/run/netns", "/run/xtables.lock", "/var/log/pods",
+              "/var/log/containers", "/etc/kubernetes", "/opt/cni")
+]  # fmt: skip
+
+
+def host_state() -> dict[Path, bool]:
+    return {p: p.exists() for p in HOST_PATHS}
+
+
 def traces(run_id: str, dirs: list[str]) -> list[str]:
     """What of this node is still on the host: processes, mounts, cgroups, links, files."""
     found = []
@@ -52,7 +66,6 @@ def traces(run_id: str, dirs: list[str]) -> list[str]:
     found += [f"link acc{run_id}h" for _ in [1] if f"acc{run_id}h" in links]
     found += [f"dir {d}" for d in dirs if Path(d).exists()]
     found += [f"file {p}" for p in Path("/tmp").glob(f"accord-janitor-{run_id}.json")]
-    found += [f"host {p}" for p in (Path("/run/containerd"), Path("/run/netns")) if p.exists()]
     return found
 
 
@@ -82,15 +95,19 @@ def wait_clean(run_id: str, dirs: list[str], timeout: float = 60) -> list[str]:
 
 
 def test_a_sigkilled_owner_leaves_nothing_behind() -> None:
+    before = host_state()
     proc, info = start_owner()
+    assert host_state() == before  # not even while it runs
     run_id, dirs = str(info["id"]), [str(d) for d in info["dirs"]]  # type: ignore[attr-defined]
     assert traces(run_id, dirs), "the node should be visible while it runs"
     os.killpg(proc.pid, signal.SIGKILL)  # the runner and its whole process group
     proc.wait()
     assert wait_clean(run_id, dirs) == []
+    assert host_state() == before
 
 
 def test_ctrl_c_stops_the_cluster_command_cleanly() -> None:
+    before = host_state()
     proc = subprocess.Popen(
         [sys.executable, "-m", "accord_operator.envtest", "--node"],
         stdout=subprocess.PIPE,
@@ -110,3 +127,4 @@ def test_ctrl_c_stops_the_cluster_command_cleanly() -> None:
     assert proc.wait(timeout=60) == 0
     # A clean stop cleans up itself (the kernel may take a moment to reap the PID namespace).
     assert wait_clean(run_id, dirs, timeout=10) == []
+    assert host_state() == before

@@ -33,6 +33,9 @@ def prepare(spec: dict[str, object], base: Path) -> None:
     # A fresh /run: containerd's shims put their sockets under /run/containerd (hard-coded),
     # iptables its lock; none of it may land on the host.
     mount("-t", "tmpfs", "-o", "mode=755", "tmpfs", "/run")
+    # And a fresh /var/lib: libcni caches results in /var/lib/cni and the kubelet keeps its
+    # device-plugin socket in /var/lib/kubelet, whatever their configured directories say.
+    mount("-t", "tmpfs", "-o", "mode=755", "tmpfs", "/var/lib")
     # The kubelet sets these kernel knobs host-wide; give it files of its own to write.
     values = spec["kernel_files"]
     assert isinstance(values, dict)
