@@ -21,9 +21,8 @@ def k8s(
     if request.param == "kind":
         why = docker_missing()
         if why is not None:
-            pytest.skip(
-                f"kind needs a Docker engine: {why} (the same scenarios ran on the real node)"
-            )
+            kind_needs = f"kind needs a Docker engine: {why}"
+            pytest.skip(f"{kind_needs} (the same scenarios ran on the real node)")
         with kind_cluster(tmp_path_factory.mktemp("kind")) as cluster:
             yield cluster
         return

@@ -25,6 +25,7 @@ import yaml
 
 from accord_operator.envtest.binaries import Binaries, find_binaries
 from accord_operator.envtest.certs import CertificateAuthority, service_account_keys
+from accord_operator.envtest.janitor import alive
 
 _PREFIX = "accord-envtest-"
 SERVICE_CIDR = "10.0.0.0/24"
@@ -63,16 +64,6 @@ def die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def reap_stale_dirs() -> None:
     """Remove temp dirs left by runs whose process no longer exists."""
     for path in Path(tempfile.gettempdir()).glob(f"{_PREFIX}*"):
@@ -80,7 +71,7 @@ def reap_stale_dirs() -> None:
             owner = int((path / "owner.pid").read_text())
         except (OSError, ValueError):
             continue
-        if not _pid_alive(owner):
+        if not alive(owner):
             shutil.rmtree(path, ignore_errors=True)
 
 
