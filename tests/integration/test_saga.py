@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.cluster import Cluster
+from tests.support.cluster import Cluster, example
 from tests.support.saga import SagaBed, saga_bed, step
 
 
@@ -333,3 +333,28 @@ def test_saga_metrics(bed: SagaBed) -> None:
     assert bed.operator.metric("accord_sagas_total", outcome="Succeeded") == 1
     assert bed.operator.metric("accord_saga_step_retries_total", kind="action") == 1
     assert bed.operator.metric("accord_saga_step_duration_seconds_count", kind="action") == 3
+
+
+async def test_a_status_write_from_a_stale_view_is_refused_not_applied(
+    cluster: Cluster, namespace: str
+) -> None:
+    """Two writers (two controllers, or one that slept through a change): the one that
+    decided from an older version loses, instead of overwriting a newer decision."""
+    import copy
+
+    from accord_operator.kubeapi import KubeApi
+    from accord_operator.participants import Participants
+    from accord_operator.saga.runner import SagaDriver
+
+    saga = cluster.apply(example("saga-order.yaml"), namespace)  # no controller runs here
+    stale = copy.deepcopy(saga)
+    api = KubeApi(str(cluster.kubeconfig))
+    driver = SagaDriver(api, Participants(api))
+    try:
+        assert await driver._patch(saga, {"phase": "Running", "message": "first writer"})
+        assert not await driver._patch(stale, {"phase": "Failed", "message": "stale writer"})
+        # The first writer goes on from the version it wrote.
+        assert await driver._patch(saga, {"phase": "Running", "message": "first, again"})
+    finally:
+        await api.close()
+    assert cluster.get("saga", "order-1001", namespace)["status"]["message"] == "first, again"

@@ -49,6 +49,9 @@ def register(registry: kopf.OperatorRegistry) -> None:
         SAGA.plural,
         id="saga-run",
         registry=registry,
+        # Stopped (the saga finished, or the operator exits): let it finish its round (store,
+        # then tell) and leave at its next wait, instead of cancelling it mid-write.
+        cancellation_backoff=30,
         cancellation_timeout=30,
         backoff=2,  # an API hiccup must not park a saga for kopf's default minute
         initial_delay=0,

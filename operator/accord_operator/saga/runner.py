@@ -64,6 +64,8 @@ class SagaDriver:
         meta = saga["metadata"]
         status: dict[str, Any] = dict(saga.get("status") or {})
         written = status
+        # What was decided since the last write: told (Events, metrics) once it is stored.
+        pending: list[tuple[dict[str, Any], Decision]] = []
         while True:
             redrive = (meta.get("annotations") or {}).get(REDRIVE)
             d = decide(
@@ -75,12 +77,24 @@ class SagaDriver:
                 deleting=deleting,
                 redrive=redrive,
             )
+            pending.append((status, d))
+            status = d.status
             # One write per round: the outcomes of the last calls together with the
-            # write-ahead of the next ones. Nothing is called before it is stored.
-            status = self._account(saga, status, d)
+            # write-ahead of the next ones. Nothing is called before it is stored, and it is
+            # stored only over the version it was decided from (another writer wins: re-read
+            # and decide again; calls in flight are repeated under their idempotency keys).
             if status != written:
-                await self._patch(saga, status)
+                fresh = await self._store(saga, status, written)
+                if fresh is not None:
+                    saga = fresh
+                    meta = saga["metadata"]
+                    status = written = dict(saga.get("status") or {})
+                    pending.clear()
+                    continue
                 written = status
+            for old, done in pending:
+                self._account(saga, old, done)
+            pending.clear()
             if d.calls:
                 outcomes = await asyncio.gather(
                     *(self._timed(call, saga, status) for call in d.calls)
@@ -93,7 +107,8 @@ class SagaDriver:
                         now=time.time(),
                         generation=int(meta.get("generation", 1)),
                     )
-                    status = self._account(saga, status, r)
+                    pending.append((status, r))
+                    status = r.status
                 continue
             phase = str(status.get("phase"))
             if phase in TERMINAL and (wait is None or deleting):
@@ -121,26 +136,57 @@ class SagaDriver:
             metrics.SAGA_STEP_SECONDS.labels(call.kind).observe(time.perf_counter() - started)
         return outcome
 
-    def _account(self, saga: dict[str, Any], old: dict[str, Any], d: Decision) -> dict[str, Any]:
-        """Events and metrics for what changed between two statuses."""
+    def _account(self, saga: dict[str, Any], old: dict[str, Any], d: Decision) -> None:
+        """Events and metrics for a decision that is stored."""
         for kind, reason, message in d.events:
             kopf.event(saga, type=kind, reason=reason, message=message)
         _count(old, d.status)
-        return d.status
 
-    async def _patch(self, saga: dict[str, Any], status: dict[str, Any]) -> None:
+    async def _store(
+        self, saga: dict[str, Any], status: dict[str, Any], written: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """Store status over the one we last wrote. None when stored; else the saga as it is
+        now, because someone else changed its status or spec (decide again from it). A
+        change of metadata only (kopf's annotations and finalizer) is written over."""
+        meta = saga["metadata"]
+        while not await self._patch(saga, status):
+            fresh: dict[str, Any] = await self.api.get(_path(meta["namespace"], meta["name"]))
+            if dict(fresh.get("status") or {}) != written or fresh["spec"] != saga["spec"]:
+                logger.info(
+                    "saga %s/%s changed meanwhile: deciding again", meta["namespace"], meta["name"]
+                )
+                return fresh
+            meta.clear()
+            meta.update(fresh["metadata"])
+        return None
+
+    async def _patch(self, saga: dict[str, Any], status: dict[str, Any]) -> bool:
+        """Store the status over the version it was decided from; False if the saga changed
+        meanwhile (optimistic concurrency: a stale writer never overwrites a newer decision)."""
         meta = saga["metadata"]
         try:
-            await self.api.request(
+            answer = await self.api.request(
                 "PATCH",
                 _path(meta["namespace"], meta["name"]) + "/status",
-                [{"op": "add", "path": "/status", "value": status}],
+                [
+                    # A resourceVersion in the patch is a precondition: 409 if it moved on.
+                    {"op": "replace", "path": "/metadata/resourceVersion",
+                     "value": meta["resourceVersion"]},
+                    {"op": "add", "path": "/status", "value": status},
+                ],
                 content_type="application/json-patch+json",
-            )
+            )  # fmt: skip
         except ApiError as exc:
             if exc.status == 404:
                 raise kopf.PermanentError("the saga is gone") from None
+            if exc.status == 409:
+                logger.info(
+                    "saga %s/%s changed meanwhile: deciding again", meta["namespace"], meta["name"]
+                )
+                return False
             raise
+        meta["resourceVersion"] = answer["metadata"]["resourceVersion"]
+        return True
 
 
 def _count(old: dict[str, Any], new: dict[str, Any]) -> None:
