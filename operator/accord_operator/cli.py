@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     mode = (
         Mode.WEBHOOK if args.webhook_only else Mode.CONTROLLER if args.controller_only else Mode.ALL
     )
+    from accord_operator.leader import LeadershipLost
+
     # kopf handles SIGINT/SIGTERM itself and returns; Ctrl-C before it starts lands here.
     with contextlib.suppress(KeyboardInterrupt):
         try:
@@ -148,9 +150,12 @@ def main(argv: list[str] | None = None) -> int:
             # of asyncio's pure-Python handshakes.
             import uvloop
         except ImportError:
-            asyncio.run(run_operator(settings, mode))
-        else:
-            uvloop.run(run_operator(settings, mode))
+            uvloop = None
+        try:
+            (uvloop.run if uvloop else asyncio.run)(run_operator(settings, mode))
+        except LeadershipLost as exc:
+            logging.getLogger("accord.operator").error("leadership lost (%s): exiting", exc)
+            return 1
     return 0
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from aiohttp import web
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -107,11 +109,22 @@ async def _healthz(_: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "version": __version__})
 
 
-async def serve(host: str, port: int) -> web.AppRunner:
-    """Start /metrics and /healthz; the caller cleans the runner up on shutdown."""
+async def serve(
+    host: str, port: int, ready: Callable[[], str | None] = lambda: None
+) -> web.AppRunner:
+    """Start /metrics, /healthz and /readyz (ready() says why not, or None when ready);
+    the caller cleans the runner up on shutdown."""
+
+    async def readyz(_: web.Request) -> web.Response:
+        why = ready()
+        if why is not None:
+            return web.json_response({"status": "not ready", "reason": why}, status=503)
+        return web.json_response({"status": "ready"})
+
     app = web.Application()
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", readyz)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()

@@ -31,6 +31,8 @@ CONTROLLER: Final[Grants] = {
     ("", "namespaces"): frozenset({"get"}),  # is injection enabled there (miss detector)
     # TokenRequest for its own account, for the participant audience (a namespaced Role).
     ("", "serviceaccounts/token"): frozenset({"create"}),
+    # The leader Lease (a namespaced Role; get and update only on that Lease).
+    ("coordination.k8s.io", "leases"): frozenset({"get", "create", "update"}),
 }
 
 # Granted, but no in-cluster scenario makes the call (so the audit log cannot show it):

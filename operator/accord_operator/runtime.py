@@ -20,6 +20,7 @@ from accord_operator import __version__, metrics
 from accord_operator.injector import handlers as injector_handlers
 from accord_operator.injector.patch import Injector, supports_native_sidecars
 from accord_operator.kubeapi import KubeApi
+from accord_operator.leader import Elector
 from accord_operator.participants import AudienceToken, Participants
 from accord_operator.projection import handlers as projection_handlers
 from accord_operator.resources import GROUP
@@ -149,14 +150,32 @@ async def run(settings: Settings, mode: Mode = Mode.ALL, stop: asyncio.Event | N
     memo = kopf.Memo(
         injector=await make_injector(settings, api), api=api, sagas=SagaDriver(api, participants)
     )
-    runner: web.AppRunner = await metrics.serve(settings.metrics_host, settings.metrics_port)
+    elector = None
+    if mode in (Mode.ALL, Mode.CONTROLLER) and settings.leader_election:
+        elector = Elector(api, settings.operator_namespace or "default", settings.identity)
+
+    def ready() -> str | None:
+        # A standby is alive (healthz) but not ready: Services and rollouts see the leader.
+        return None if elector is None or elector.leader else "waiting for the leader lease"
+
+    runner: web.AppRunner = await metrics.serve(
+        settings.metrics_host, settings.metrics_port, ready=ready
+    )
     logger.info(
-        "mode %s; metrics and /healthz on %s:%d",
+        "mode %s; metrics, /healthz and /readyz on %s:%d",
         mode.value,
         settings.metrics_host,
         settings.metrics_port,
     )
+    stop = stop or asyncio.Event()
+    keeper: asyncio.Task[None] | None = None
     try:
+        if elector is not None:
+            await elector.acquire()
+            keeper = asyncio.create_task(elector.keep())
+            # Losing the lease stops the reconcilers at once; the process then exits non-zero
+            # and comes back as a candidate.
+            keeper.add_done_callback(lambda _: stop.set())
         await kopf.operator(
             registry=registry,
             memo=memo,
@@ -165,7 +184,13 @@ async def run(settings: Settings, mode: Mode = Mode.ALL, stop: asyncio.Event | N
             namespaces=list(settings.namespaces),
             stop_flag=stop,
         )
+        if keeper is not None and keeper.done() and not keeper.cancelled():
+            keeper.result()  # raises LeadershipLost
     finally:
+        if keeper is not None and not keeper.done():
+            keeper.cancel()
+        if elector is not None:
+            await elector.release()
         await runner.cleanup()
         await participants.close()
         await api.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -46,6 +47,9 @@ class Settings:
     # In a cluster: participants get a token of this service account for this audience.
     service_account: str = ""
     participant_audience: str = PARTICIPANT_AUDIENCE
+    # One active controller among replicas: a Lease in operator_namespace (the chart sets it).
+    leader_election: bool = False
+    identity: str = ""  # who holds the lease: the pod's name, else host and pid
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -65,5 +69,7 @@ class Settings:
             native_sidecars=_choice(env, "ACCORD_NATIVE_SIDECARS", ("auto", "true", "false")),
             participant_token=env.get("ACCORD_PARTICIPANT_TOKEN", ""),
             service_account=env.get("ACCORD_SERVICE_ACCOUNT", ""),
+            leader_election=_choice(env, "ACCORD_LEADER_ELECTION", ("false", "true")) == "true",
+            identity=env.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}",
             participant_audience=env.get("ACCORD_PARTICIPANT_AUDIENCE", "") or PARTICIPANT_AUDIENCE,
         )
