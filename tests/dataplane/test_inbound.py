@@ -119,6 +119,23 @@ def test_dedup_table_survives_a_sidecar_restart(spawn: Callable[..., Any], tmp_p
     assert len(app.calls("/reserve")) == 1
 
 
+def _token_review_sidecar(
+    spawn: Callable[..., Any], cluster: Cluster, **env: str
+) -> tuple[Recorder, Sidecar]:
+    """An app behind a sidecar that checks callers with TokenReview on the real API server."""
+    assert cluster.cp.dir is not None
+    app: Recorder = spawn(Recorder, "inventory-app")
+    sidecar: Sidecar = spawn(
+        Sidecar,
+        "inventory",
+        ACCORD_APP_PORT=str(app.port),
+        ACCORD_KUBE_API_URL=cluster.cp.server,
+        ACCORD_KUBE_CA_FILE=str(cluster.cp.dir / "pki" / "ca.crt"),
+        **env,
+    )
+    return app, sidecar
+
+
 @pytest.mark.integration
 def test_service_account_tokens_are_checked_with_token_review(
     spawn: Callable[..., Any], cluster: Cluster, namespace: str
@@ -136,13 +153,9 @@ def test_service_account_tokens_are_checked_with_token_review(
     api_token = token("saga-operator")  # the API server's audience
     assert cluster.cp.dir is not None
     pki = cluster.cp.dir / "pki"
-    app: Recorder = spawn(Recorder, "inventory-app")
-    sidecar: Sidecar = spawn(
-        Sidecar,
-        "inventory",
-        ACCORD_APP_PORT=str(app.port),
-        ACCORD_KUBE_API_URL=cluster.cp.server,
-        ACCORD_KUBE_CA_FILE=str(pki / "ca.crt"),
+    app, sidecar = _token_review_sidecar(
+        spawn,
+        cluster,
         ACCORD_KUBE_CLIENT_CERT=str(pki / "admin.crt"),
         ACCORD_KUBE_CLIENT_KEY=str(pki / "admin.key"),
         ACCORD_ALLOWED_SERVICE_ACCOUNTS=f"{namespace}/saga-operator",
@@ -197,16 +210,7 @@ def test_a_sidecar_without_the_tokenreview_grant_says_which_grant(
     # The participant's own credentials: a service account with no grant at all.
     token_file = tmp_path / "sa-token"
     token_file.write_text(cluster.kubectl("create", "token", "participant", "-n", namespace))
-    assert cluster.cp.dir is not None
-    app: Recorder = spawn(Recorder, "inventory-app")
-    sidecar: Sidecar = spawn(
-        Sidecar,
-        "inventory",
-        ACCORD_APP_PORT=str(app.port),
-        ACCORD_KUBE_API_URL=cluster.cp.server,
-        ACCORD_KUBE_CA_FILE=str(cluster.cp.dir / "pki" / "ca.crt"),
-        ACCORD_KUBE_TOKEN_FILE=str(token_file),
-    )
+    app, sidecar = _token_review_sidecar(spawn, cluster, ACCORD_KUBE_TOKEN_FILE=str(token_file))
     status, body, _ = request(
         "POST", f"{sidecar.inbound}/reserve", {}, headers={"Authorization": f"Bearer {caller}"}
     )

@@ -37,6 +37,10 @@ def wait(what: str, probe: object, timeout: float) -> None:
     raise AssertionError(f"{what} not within {timeout}s")
 
 
+def running(cluster: Cluster, namespace: str, name: str) -> bool:
+    return cluster.get("saga", name, namespace).get("status", {}).get("phase") == "Running"
+
+
 def saga(name: str) -> dict[str, object]:
     # Its participant does not exist: the leader retries it, which is all we need to see.
     step = {"name": "call", "action": {"http": {"service": "nobody", "path": "/x"}},
@@ -58,14 +62,7 @@ def test_one_leads_a_standby_waits_and_takes_over(
             time.sleep(3)
             assert not ready(b) and holder(cluster, namespace) == "ctl-a"
             cluster.apply(saga("first"), namespace)
-            wait(
-                "the leader drives the saga",
-                lambda: (
-                    cluster.get("saga", "first", namespace).get("status", {}).get("phase")
-                    == "Running"
-                ),
-                30,
-            )
+            wait("the leader drives the saga", lambda: running(cluster, namespace, "first"), 30)
             assert "first" not in b.log.read_text()  # the standby did nothing
 
             a.proc.send_signal(signal.SIGKILL)  # no release: the lease must expire first
@@ -73,13 +70,6 @@ def test_one_leads_a_standby_waits_and_takes_over(
             wait("b takes over", lambda: ready(b), LEASE_S + 15)
             assert holder(cluster, namespace) == "ctl-b"
             cluster.apply(saga("second"), namespace)
-            wait(
-                "the new leader drives sagas",
-                lambda: (
-                    cluster.get("saga", "second", namespace).get("status", {}).get("phase")
-                    == "Running"
-                ),
-                30,
-            )
+            wait("the new leader drives sagas", lambda: running(cluster, namespace, "second"), 30)
         # b stopped cleanly: it released the lease, so the next leader need not wait.
         assert holder(cluster, namespace) == ""
