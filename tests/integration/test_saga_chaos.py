@@ -110,3 +110,78 @@ def _check_participant_records(
         else:
             # Compensations ran exactly for the steps that completed, in reverse order.
             assert executed == ["reserve", "release"], (saga, executed)
+
+
+def test_two_controllers_and_a_sigkilled_leader_execute_nothing_twice(
+    cluster: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    """Two controller replicas with leader election; the leader is SIGKILLed mid-run (its
+    lease expires, the standby takes over) and comes back as a standby. 50 sagas end as
+    they should, and the participants' own records show nothing executed twice."""
+    import contextlib
+    import signal
+
+    from accord_operator.leader import LEASE_NAME
+
+    sagas_n = 50
+    with saga_bed(
+        cluster, namespace, tmp_path, "inventory", "payment", "shipping", operator=False
+    ) as bed:
+        for service in bed.services.values():
+            service.behave(
+                {"path": "/charge-declined", "status": 402, "body": {"error": "declined"}},
+                {"delayMs": 1500},  # every saga still in flight when the leader dies
+            )
+        expected: dict[str, str] = {}
+        for i in range(sagas_n):
+            declined = i % 3 == 0
+            name = f"order-{i}"
+            expected[name] = "Compensated" if declined else "Succeeded"
+            steps = [
+                step("reserve", "inventory", "reserve", "release"),
+                step("charge", "payment", "charge-declined" if declined else "charge", "refund"),
+                step("ship", "shipping", "ship", "recall"),
+            ]
+            bed.apply(bed.saga(name, steps, input={"order": i}))
+
+        def controller(stack: contextlib.ExitStack, name: str) -> Any:
+            (tmp_path / name).mkdir()
+            env = {
+                "ACCORD_LEADER_ELECTION": "true",
+                "ACCORD_OPERATOR_NAMESPACE": namespace,
+                "POD_NAME": name,
+            }
+            return stack.enter_context(
+                run_operator(
+                    cluster, tmp_path / name, "--controller-only", "-n", namespace, env=env
+                )
+            )
+
+        def holder() -> str:
+            lease = cluster.kubectl("get", "lease", LEASE_NAME, "-n", namespace, "-o", "json")
+            return str(json.loads(lease)["spec"].get("holderIdentity") or "")
+
+        with contextlib.ExitStack() as stack:
+            ops = {name: controller(stack, name) for name in ("ctl-a", "ctl-b")}
+            deadline = time.monotonic() + 30
+            while not holder() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            time.sleep(1.5)  # mid-run: some sagas done, some in flight
+            leader = holder()
+            assert leader in ops and not _phases(cluster, namespace, expected)
+            ops[leader].proc.send_signal(signal.SIGKILL)
+            ops[leader].proc.wait()
+            controller(stack, f"{leader}-again")  # back as a standby
+            end = time.monotonic() + 150
+            while not _phases(cluster, namespace, expected) and time.monotonic() < end:
+                time.sleep(0.5)
+            assert holder() != leader
+        phases = _phases(cluster, namespace, expected, all_phases=True)
+        assert phases == expected, {k: v for k, v in phases.items() if expected[k] != v}
+        sagas = {
+            s["metadata"]["name"]: s
+            for s in json.loads(cluster.kubectl("get", "saga", "-n", namespace, "-o", "json"))[
+                "items"
+            ]
+        }
+        _check_participant_records(bed.services, sagas, expected, namespace)
