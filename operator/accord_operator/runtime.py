@@ -91,7 +91,7 @@ def webhook_server(settings: Settings) -> kopf.WebhookServer:
     if cert_dir is None:
         # No certificates given (a local run): make a self-signed pair. In a cluster the
         # chart mounts them (cert-manager or Helm-generated) into ACCORD_WEBHOOK_CERT_DIR.
-        from accord_operator.envtest.certs import CertificateAuthority
+        from accord_operator.certs import CertificateAuthority
 
         cert_dir = Path(tempfile.mkdtemp(prefix="accord-webhook-"))
         atexit.register(shutil.rmtree, cert_dir, ignore_errors=True)  # no leftover per run

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from accord_operator.envtest.certs import CertificateAuthority
+from accord_operator.certs import CertificateAuthority
 from accord_operator.envtest.controlplane import die_with_parent, free_port
 from tests.support.cluster import REPO, Cluster
 

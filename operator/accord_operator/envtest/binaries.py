@@ -39,14 +39,19 @@ def cache_dir(version: str | None = None) -> Path:
 def _from_dir(directory: Path, source: str) -> Binaries | None:
     paths = [directory / name for name in NAMES]
     if all(p.is_file() and os.access(p, os.X_OK) for p in paths):
-        return Binaries(*paths, source=source)
+        return _binaries(paths, source)
     return None
+
+
+def _binaries(paths: list[Path], source: str) -> Binaries:
+    etcd, apiserver, controller_manager, kubectl = paths
+    return Binaries(etcd, apiserver, controller_manager, kubectl, source=source)
 
 
 def _from_path() -> Binaries | None:
     found = [shutil.which(name) for name in NAMES]
     if all(found):
-        return Binaries(*(Path(p) for p in found if p), source="PATH")
+        return _binaries([Path(p) for p in found if p], "PATH")
     return None
 
 

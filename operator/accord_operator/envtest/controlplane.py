@@ -23,8 +23,8 @@ from pathlib import Path
 
 import yaml
 
+from accord_operator.certs import CertificateAuthority, service_account_keys
 from accord_operator.envtest.binaries import Binaries, find_binaries
-from accord_operator.envtest.certs import CertificateAuthority, service_account_keys
 from accord_operator.envtest.janitor import alive
 
 _PREFIX = "accord-envtest-"

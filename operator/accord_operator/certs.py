@@ -1,4 +1,5 @@
-"""A throwaway certificate authority for loopback TLS (control plane and webhooks)."""
+"""A throwaway certificate authority: the webhook's self-signed pair for local runs, and the
+local control plane's certificates (envtest). Shipped code; it does not depend on envtest."""
 
 from __future__ import annotations
 
