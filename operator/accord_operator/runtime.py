@@ -47,6 +47,8 @@ def configure(kopf_settings: kopf.OperatorSettings) -> None:
     )
     kopf_settings.persistence.finalizer = f"{GROUP}/finalizer"
     kopf_settings.posting.level = logging.INFO
+    # Events say they come from us (kubectl describe's "From"), not from the framework.
+    kopf_settings.posting.reporting_component = "accord-operator"
     kopf_settings.watching.server_timeout = 300
     kopf_settings.networking.request_timeout = 60
 

@@ -22,15 +22,17 @@ def accepted_status(
         patch["phase"] = "Pending"
         if total is not None:
             patch["progress"] = f"0/{total}"
-        conditions = set_condition(
-            conditions,
-            type="Ready",
-            status="False",
-            reason="Pending",
-            message=f"{kind} accepted; waiting to start",
-            generation=generation,
-            now=now,
-        )
+        # kstatus: Ready from the first reconcile; Reconciling while work is to do.
+        for type_, value in (("Ready", "False"), ("Reconciling", "True"), ("Stalled", "False")):
+            conditions = set_condition(
+                conditions,
+                type=type_,
+                status=value,  # type: ignore[arg-type]
+                reason="Pending",
+                message=f"{kind} accepted; waiting to start",
+                generation=generation,
+                now=now,
+            )
     else:
         conditions = [{**c, "observedGeneration": generation} for c in conditions]
     patch["conditions"] = conditions

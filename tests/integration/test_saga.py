@@ -37,9 +37,13 @@ def test_happy_path(bed: SagaBed) -> None:
     assert status["observedGeneration"] == 1
     assert {c["type"]: c["status"] for c in status["conditions"]} == {
         "Ready": "True",
-        "Progressing": "False",
-        "Degraded": "False",
+        "Reconciling": "False",
+        "Stalled": "False",
     }
+    # Tools that read kstatus conditions see it done.
+    bed.cluster.kubectl(
+        "wait", "saga/order-1", "-n", bed.namespace, "--for=condition=Ready", "--timeout=10s"
+    )
     assert bed.calls("inventory") == ["reserve"] and bed.calls("shipping") == ["ship"]
     # The wire contract: input, earlier outputs, saga/step headers and a stable key.
     (ship,) = bed.services["shipping"].calls()

@@ -62,7 +62,11 @@ def test_other_conditions_keep_their_order() -> None:
 def test_new_resource_becomes_pending() -> None:
     patch = accepted_status({}, 1, "t", kind="SagaWorkflow")
     assert patch["phase"] == "Pending" and patch["observedGeneration"] == 1
-    assert patch["conditions"][0]["type"] == "Ready" and patch["conditions"][0]["status"] == "False"
+    assert {c["type"]: c["status"] for c in patch["conditions"]} == {
+        "Ready": "False",
+        "Reconciling": "True",
+        "Stalled": "False",
+    }
 
 
 def test_restart_never_rewinds_a_phase() -> None:

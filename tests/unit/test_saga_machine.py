@@ -103,6 +103,35 @@ def test_happy_path_runs_steps_in_order() -> None:
     assert ready["status"] == "True"
 
 
+def conditions(status: dict[str, Any]) -> dict[str, str]:
+    return {c["type"]: c["status"] for c in status["conditions"]}
+
+
+def test_conditions_read_as_kstatus_says() -> None:
+    # Success: Ready. Ended without success: Stalled (abnormal-true), not Ready, so
+    # `kubectl wait --for=condition=Ready` succeeds only on success and scripts stop early.
+    assert conditions(Sim(ORDER, ok).run()) == {
+        "Ready": "True",
+        "Reconciling": "False",
+        "Stalled": "False",
+    }
+    assert conditions(Sim(ORDER, refuse("charge")).run()) == {
+        "Ready": "False", "Reconciling": "False", "Stalled": "True"}  # fmt: skip
+    first = decide(ORDER, {}, uid="u", now=0.0, generation=3)
+    assert conditions(first.status) == {"Ready": "False", "Reconciling": "True", "Stalled": "False"}
+    assert {c["observedGeneration"] for c in first.status["conditions"]} == {3}
+
+
+def test_conditions_of_older_operators_are_dropped() -> None:
+    status = decide(ORDER, {}, uid="u", now=0.0).status
+    status["conditions"].append(
+        {"type": "Progressing", "status": "True", "reason": "Running", "message": "",
+         "lastTransitionTime": "t"}
+    )  # fmt: skip
+    assert set(conditions(decide(ORDER, status, uid="u", now=1.0).status)) == {
+        "Ready", "Reconciling", "Stalled"}  # fmt: skip
+
+
 def test_failure_at_step_k_compensates_k_minus_1_to_1_in_reverse() -> None:
     spec = {"steps": [step("a"), step("b"), step("c"), step("d")]}
     sim = Sim(spec, refuse("c"))

@@ -52,11 +52,14 @@ def needs_controller(status: Mapping[str, Any] | None) -> bool:
 OUTPUT_LIMIT = 16 * 1024
 ERROR_LIMIT = 4000
 COMPLETED = ("Succeeded", "Compensating", "Compensated", "CompensationFailed")
-# Each condition and the phases in which it is True.
+# Each condition and the phases in which it is True, as kstatus reads them: Ready on
+# success; Reconciling (abnormal-true) while work is under way; Stalled (abnormal-true) once
+# it ended without success, so `kubectl wait --for=condition=Ready` succeeds on success and
+# scripts can stop early on failure.
 CONDITIONS = (
     ("Ready", ("Succeeded",)),
-    ("Progressing", ("Pending", "Running", "Compensating")),
-    ("Degraded", ("Compensating", "Compensated", "Failed")),
+    ("Reconciling", ("Pending", "Running", "Compensating")),
+    ("Stalled", ("Compensated", "Failed")),
 )
 
 
@@ -480,7 +483,9 @@ def _finish(d: Decision, spec: Spec, generation: int, now: float) -> Decision:
         st.pop("currentStep", None)
     st["observedGeneration"] = generation
     phase = st.get("phase", "Pending")
-    conditions: list[Condition] = list(st.get("conditions") or [])
+    # Only ours (older operators also wrote Progressing and Degraded).
+    ours = {type_ for type_, _ in CONDITIONS}
+    conditions: list[Condition] = [c for c in st.get("conditions") or [] if c["type"] in ours]
     t = iso(now)
     message = st.get("message", "") or phase
     for type_, true_in in CONDITIONS:
