@@ -27,23 +27,8 @@ def test_sagas_survive_operator_sigkills(cluster: Cluster, namespace: str, tmp_p
     with saga_bed(
         cluster, namespace, tmp_path, "inventory", "payment", "shipping", operator=False
     ) as bed:
-        for service in bed.services.values():
-            # Slow enough that kills land mid-call; payment refuses "/charge-declined".
-            service.behave(
-                {"path": "/charge-declined", "status": 402, "body": {"error": "declined"}},
-                {"delayMs": 40},
-            )
-        expected: dict[str, str] = {}
-        for i in range(SAGAS):
-            declined = i % 3 == 0
-            name = f"order-{i}"
-            expected[name] = "Compensated" if declined else "Succeeded"
-            steps = [
-                step("reserve", "inventory", "reserve", "release"),
-                step("charge", "payment", "charge-declined" if declined else "charge", "refund"),
-                step("ship", "shipping", "ship", "recall"),
-            ]
-            bed.apply(bed.saga(name, steps, input={"order": i}))
+        # Slow enough that kills land mid-call.
+        expected = _orders(bed, SAGAS, delay_ms=40)
 
         kills = 0
         deadline = time.monotonic() + 240
@@ -72,6 +57,28 @@ def test_sagas_survive_operator_sigkills(cluster: Cluster, namespace: str, tmp_p
             ]
         }
         _check_participant_records(bed.services, sagas, expected, namespace)
+
+
+def _orders(bed: Any, count: int, *, delay_ms: int) -> dict[str, str]:
+    """Apply `count` order sagas (every third declined at payment, which refuses
+    "/charge-declined"), participants answering after delay_ms; the phase each must end in."""
+    for service in bed.services.values():
+        service.behave(
+            {"path": "/charge-declined", "status": 402, "body": {"error": "declined"}},
+            {"delayMs": delay_ms},
+        )
+    expected: dict[str, str] = {}
+    for i in range(count):
+        declined = i % 3 == 0
+        name = f"order-{i}"
+        expected[name] = "Compensated" if declined else "Succeeded"
+        steps = [
+            step("reserve", "inventory", "reserve", "release"),
+            step("charge", "payment", "charge-declined" if declined else "charge", "refund"),
+            step("ship", "shipping", "ship", "recall"),
+        ]
+        bed.apply(bed.saga(name, steps, input={"order": i}))
+    return expected
 
 
 def _phases(
@@ -127,22 +134,8 @@ def test_two_controllers_and_a_sigkilled_leader_execute_nothing_twice(
     with saga_bed(
         cluster, namespace, tmp_path, "inventory", "payment", "shipping", operator=False
     ) as bed:
-        for service in bed.services.values():
-            service.behave(
-                {"path": "/charge-declined", "status": 402, "body": {"error": "declined"}},
-                {"delayMs": 1500},  # every saga still in flight when the leader dies
-            )
-        expected: dict[str, str] = {}
-        for i in range(sagas_n):
-            declined = i % 3 == 0
-            name = f"order-{i}"
-            expected[name] = "Compensated" if declined else "Succeeded"
-            steps = [
-                step("reserve", "inventory", "reserve", "release"),
-                step("charge", "payment", "charge-declined" if declined else "charge", "refund"),
-                step("ship", "shipping", "ship", "recall"),
-            ]
-            bed.apply(bed.saga(name, steps, input={"order": i}))
+        # Every saga still in flight when the leader dies.
+        expected = _orders(bed, sagas_n, delay_ms=1500)
 
         def controller(stack: contextlib.ExitStack, name: str) -> Any:
             (tmp_path / name).mkdir()
