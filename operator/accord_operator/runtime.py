@@ -70,6 +70,7 @@ def registry_for(mode: Mode) -> kopf.OperatorRegistry:
     if mode in (Mode.ALL, Mode.WEBHOOK):
         injector_handlers.register_webhooks(registry)
         saga_handlers.register_webhooks(registry)
+        twophase_handlers.register_webhooks(registry)
     return registry
 
 

@@ -342,6 +342,20 @@ def test_two_phase_and_projection_resources_are_accepted(accord: E2ECluster) -> 
                 for i in accord.get(kind, "-n", SHOP)["items"]
             ),
         )
+    # A payload too big for a participant's /prepare is refused at admission, by field.
+    big = {
+        "apiVersion": "accord.dev/v1alpha1",
+        "kind": "TwoPhaseTransaction",
+        "metadata": {"name": "too-big", "namespace": SHOP},
+        "spec": {
+            "participants": [
+                {"name": "small", "service": "ledger-a", "payload": {"a": 1}},
+                {"name": "big", "service": "ledger-b", "payload": {"b": "x" * (300 << 10)}},
+            ]
+        },
+    }
+    refused = accord.kubectl("create", "-f", "-", input=json.dumps(big), check=False, stderr=True)
+    assert "spec.participants[1].payload: Too long" in refused, refused
 
 
 def test_a_tenant_who_cannot_create_pods_is_refused_a_job_step_saga(accord: E2ECluster) -> None:

@@ -141,12 +141,12 @@ INVALID: list[tuple[str, Obj, list[str]]] = [
     (
         "saga-depends-on-unknown-step",
         _mutate(_SAGA, lambda o: _step(o, 1).update(dependsOn=["nope"])),
-        ["spec.steps", "dependsOn names a step that does not exist"],
+        ["spec.steps", 'step "charge" dependsOn "nope", which is not a step in spec.steps'],
     ),
     (
         "saga-depends-on-later-step",
         _mutate(_SAGA, lambda o: _step(o, 0).update(dependsOn=["charge"])),
-        ["spec.steps", "dependsOn may only name steps listed earlier"],
+        ["spec.steps", 'step "reserve" dependsOn "charge", which is not listed before it'],
     ),
     (
         "saga-depends-on-itself",

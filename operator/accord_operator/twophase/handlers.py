@@ -8,6 +8,18 @@ import kopf
 
 from accord_operator.accept import accept
 from accord_operator.resources import GROUP, TWO_PHASE, VERSION
+from accord_operator.twophase import admission
+
+
+def register_webhooks(registry: kopf.OperatorRegistry) -> None:
+    @kopf.on.validate(
+        GROUP, VERSION, TWO_PHASE.plural, id="tpc-payloads", operations=["CREATE", "UPDATE"],
+        registry=registry,
+    )  # fmt: skip
+    async def tpc_payloads(spec: kopf.Spec, **_: Any) -> None:
+        errors = admission.payload_errors(spec)
+        if errors:
+            raise kopf.AdmissionError("; ".join(errors), code=422)
 
 
 def register(registry: kopf.OperatorRegistry) -> None:
