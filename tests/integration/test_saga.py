@@ -347,18 +347,24 @@ async def test_a_status_write_from_a_stale_view_is_refused_not_applied(
     import copy
 
     from accord_operator.kubeapi import KubeApi
-    from accord_operator.participants import Participants
-    from accord_operator.saga.runner import SagaDriver
+    from accord_operator.saga.runner import KubeStore
 
     saga = cluster.apply(example("saga-order.yaml"), namespace)  # no controller runs here
     stale = copy.deepcopy(saga)
     api = KubeApi(str(cluster.kubeconfig))
-    driver = SagaDriver(api, Participants(api))
+    meta = saga["metadata"]
+    store = KubeStore(api, f"/apis/accord.dev/v1alpha1/namespaces/{namespace}/"
+                      f"sagaworkflows/{meta['name']}", None)  # fmt: skip
+    first = {"phase": "Running", "message": "first writer"}
     try:
-        assert await driver._patch(saga, {"phase": "Running", "message": "first writer"})
-        assert not await driver._patch(stale, {"phase": "Failed", "message": "stale writer"})
+        assert await store.write(saga, first, {}) is None
+        # The stale writer is handed the saga as it is now, to decide again from.
+        now = await store.write(stale, {"phase": "Failed", "message": "stale writer"}, {})
+        assert now is not None and now["status"]["message"] == "first writer"
         # The first writer goes on from the version it wrote.
-        assert await driver._patch(saga, {"phase": "Running", "message": "first, again"})
+        assert (
+            await store.write(saga, {"phase": "Running", "message": "first, again"}, first) is None
+        )
     finally:
         await api.close()
     assert cluster.get("saga", "order-1001", namespace)["status"]["message"] == "first, again"

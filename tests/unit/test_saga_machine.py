@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -9,7 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from accord_operator.saga.machine import Call, Outcome, decide, epoch, record
+from accord_operator.decision import Decision
+from accord_operator.driver import Driver
+from accord_operator.saga.machine import Call, Outcome, SagaMachine, decide, epoch
 
 UID = "uid-1"
 Behaviour = Callable[[Call], Outcome]
@@ -51,37 +55,117 @@ def flaky(failures: dict[tuple[str, str], int]) -> Behaviour:
     return behave
 
 
+class Crash(Exception):
+    """The operator process dies."""
+
+
+class MemoryStore:
+    """The saga object in memory: every write is stored, like an API server with no rival."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.obj: dict[str, Any] = {
+            "metadata": {"uid": UID, "generation": 1, "annotations": {}, "resourceVersion": "1"},
+            "spec": spec,
+            "status": {},
+        }
+        self.writes = 0
+
+    async def read(self) -> dict[str, Any]:
+        return copy.deepcopy(self.obj)
+
+    async def write(
+        self, obj: dict[str, Any], status: dict[str, Any], written: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        assert self.obj["status"] == written, "a write over a status it did not decide from"
+        self.obj["status"] = copy.deepcopy(status)
+        self.writes += 1
+        return None
+
+    async def refresh(self, obj: dict[str, Any]) -> dict[str, Any]:
+        return {**obj, "metadata": copy.deepcopy(self.obj["metadata"])}
+
+
 class Sim:
-    """Drives decide/record the way the shell does, on a virtual clock."""
+    """Runs the real driver loop (accord_operator.driver) over the saga machine, with an
+    in-memory store, a simulated participant and a virtual clock."""
 
     def __init__(self, spec: dict[str, Any], behave: Behaviour, now: float = 1_000_000.0) -> None:
         self.spec, self.behave, self.now = spec, behave, now
-        self.status: dict[str, Any] = {}
+        self.store = MemoryStore(spec)
         self.calls: list[Call] = []
         self.rounds: list[list[Call]] = []
         self.events: list[tuple[str, str, str]] = []
+        self.counts: list[tuple[str, tuple[str, ...]]] = []
+        self.waits = 0
+        self._crash = False
+        self._round_of: object = None
+        self._driver: Driver[Call, Outcome] | None = None
+        self._machine = SagaMachine(rng=lambda: 0.5)
 
-    def tick(self, **kw: Any) -> list[Call]:
-        d = decide(self.spec, self.status, uid=UID, now=self.now, **kw)
-        self.status = d.status
-        self.events += d.events
-        if d.calls:
-            self.rounds.append(d.calls)
-        for call in d.calls:
-            self.calls.append(call)
-            r = record(self.spec, self.status, self.behave(call), now=self.now, rng=lambda: 0.5)
-            self.status = r.status
-            self.events += r.events
-        if not d.calls and d.wake_at is not None:
-            self.now = max(self.now, d.wake_at)
-        return d.calls
+    @property
+    def status(self) -> dict[str, Any]:
+        """What the loop holds: the stored status with the latest outcomes recorded."""
+        return self._driver.status if self._driver else self.store.obj["status"]
 
-    def run(self, limit: int = 500, **kw: Any) -> dict[str, Any]:
-        for _ in range(limit):
-            self.tick(**kw)  # a terminal saga ticks too: that is how a redrive is seen
-            if self.status.get("phase") in ("Succeeded", "Compensated", "Failed"):
-                return self.status
-        raise AssertionError(f"no terminal phase: {self.status}")
+    # the World the driver runs in
+    def time(self) -> float:
+        return self.now
+
+    async def wait(self, seconds: float) -> bool:
+        self.now += seconds
+        self.waits += 1
+        assert self.waits < 5000, f"no terminal phase: {self.status}"
+        await asyncio.sleep(0)
+        return False
+
+    def tell(self, obj: dict[str, Any], decision: Decision[Any]) -> None:
+        self.events += decision.events
+        self.counts += decision.counts
+
+    async def act(self, call: Call, obj: dict[str, Any], status: dict[str, Any]) -> Outcome:
+        if self._crash:
+            raise Crash
+        self.calls.append(call)
+        if status is not self._round_of:  # every call of one round gets the same status
+            self._round_of = status
+            self.rounds.append([])
+        self.rounds[-1].append(call)
+        return self.behave(call)
+
+    def _loop(self, deleting: bool = False, redrive: str | None = None, generation: int = 1):
+        meta = self.store.obj["metadata"]
+        meta["generation"] = generation
+        if redrive is not None:
+            meta["annotations"]["accord.dev/redrive"] = redrive
+        self._machine.deleting = deleting
+        if self._driver is None:
+            world = type("W", (), {"now": self.time, "wait": self.wait, "tell": self.tell})()
+            self._driver = Driver(self._machine, self.store, self.act, world)
+        elif self._driver.obj is not None:
+            self._driver.obj["metadata"] = copy.deepcopy(meta)
+        return self._driver
+
+    def tick(self, crash: bool = False, **kw: Any) -> list[Call]:
+        """One round of the loop; when nothing was due, the clock moves to when it is. With
+        `crash`, the process dies once the round has written ahead, before any call is made:
+        the next round is a new loop, started from the store."""
+        self._crash = crash
+        try:
+            turn = asyncio.run(self._loop(**kw).round())
+        except Crash:
+            self._driver = None
+            return []
+        finally:
+            self._crash = False
+        if not turn.calls and turn.wait:
+            self.now += turn.wait
+        return turn.calls
+
+    def run(self, **kw: Any) -> dict[str, Any]:
+        status = asyncio.run(self._loop(**kw).run(watch_finished=False))
+        assert status.get("phase") in ("Succeeded", "Compensated", "Failed"), status
+        assert self.store.obj["status"] == status, "the loop returned before storing"
+        return status
 
     def trace(self) -> list[str]:
         return [f"{c.step}:{c.kind}" for c in self.calls]
@@ -295,12 +379,50 @@ def test_saga_timeout_is_a_failure() -> None:
 
 
 def test_restart_mid_step_resends_the_same_attempt_under_the_same_key() -> None:
-    d = decide(ORDER, {}, uid=UID, now=1000.0)
-    (first,) = d.calls
-    assert d.status["steps"][0]["inFlight"] == "action"  # written before the call is made
-    # The operator dies here. A new one reads the same status:
-    again = decide(ORDER, d.status, uid=UID, now=1005.0)
-    assert again.calls == [first]  # same step, same attempt number, same key
+    sim = Sim(ORDER, ok)
+    assert sim.tick(crash=True) == []  # the operator dies after writing ahead
+    assert sim.store.obj["status"]["steps"][0]["inFlight"] == "action"  # stored first
+    (again,) = sim.tick()  # a new loop, from the store
+    assert (again.step, again.attempt, again.key) == ("reserve", 1, f"{UID}/reserve/action")
+    assert sim.run()["phase"] == "Succeeded"
+    assert sim.trace() == ["reserve:action", "charge:action", "ship:action"]
+
+
+def test_the_machine_counts_what_happened() -> None:
+    sim = Sim(ORDER, flaky({("charge", "action"): 99}))
+    sim.run()
+    assert sorted(sim.counts) == sorted(
+        [("retry", ("action",))] * 2 + [("compensated", ())] + [("finished", ("Compensated",))]
+    )
+
+
+class RivalStore(MemoryStore):
+    """Another controller wrote first: the first write finds the saga moved on."""
+
+    def __init__(self, spec: dict[str, Any], rival_status: dict[str, Any]) -> None:
+        super().__init__(spec)
+        self.rival_status = rival_status
+
+    async def write(
+        self, obj: dict[str, Any], status: dict[str, Any], written: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        if self.rival_status:
+            self.obj["status"], self.rival_status = self.rival_status, {}
+            return copy.deepcopy(self.obj)
+        return await super().write(obj, status, written)
+
+
+def test_a_lost_write_is_decided_again_and_never_told() -> None:
+    rival = decide(ORDER, {}, uid=UID, now=999.0).status  # the rival started the saga
+    sim = Sim(ORDER, ok)
+    sim.store = RivalStore(ORDER, rival)
+    assert sim.tick() == []  # our write lost: nothing called, nothing told
+    assert sim.events == [] and sim.calls == []
+    (call,) = sim.tick()  # decided again from the rival's status: its attempt, its key
+    assert (call.step, call.attempt) == ("reserve", 1)
+    assert sim.run()["phase"] == "Succeeded"
+    # Only the decisions that were stored were told: the rival's "started" is not ours.
+    assert [e[1] for e in sim.events] == ["Succeeded"]
 
 
 def test_unknown_outcome_counts_as_completed_for_compensation() -> None:
@@ -395,12 +517,9 @@ def test_invariants_hold_for_any_participant_behaviour(
     for _ in range(2000):
         if sim.status.get("phase") in ("Succeeded", "Compensated", "Failed"):
             break
-        if next(restart, False):
-            # A crash right after the write-ahead: the status says attempts are in flight.
-            d = decide(spec, sim.status, uid=UID, now=sim.now)
-            sim.status = d.status
-            continue
-        sim.tick()
+        # Some rounds, the operator dies right after its write-ahead: the stored status says
+        # attempts are in flight, and a new loop starts from the store.
+        sim.tick(crash=next(restart, False))
     status = sim.status
     assert status["phase"] in ("Succeeded", "Compensated", "Failed")
     # One key per (step, kind), ever.

@@ -1,9 +1,11 @@
 """The SagaWorkflow state machine: plain functions over plain data. No kopf, no HTTP, no clock.
 
 `decide` says what must happen next given what the status says has happened; `record`
-folds the outcome of one call into the status. The shell writes the status `decide` returns
-*before* it makes the calls (write-ahead: an attempt in flight is visible after a crash) and
-re-sends such an attempt with the same idempotency key to learn its outcome.
+folds the outcome of one call into the status. Each says what happened (Events, metric
+increments) in its Decision. The shared driver (accord_operator.driver, through
+`SagaMachine`) writes the status `decide` returns *before* it makes the calls (write-ahead:
+an attempt in flight is visible after a crash) and re-sends such an attempt with the same
+idempotency key to learn its outcome.
 
 Rules:
 - A step starts when its dependencies have succeeded: `dependsOn` when given, else the
@@ -27,9 +29,10 @@ import copy
 import datetime
 import random
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
+from accord_operator import decision
 from accord_operator.conditions import Condition, set_condition
 
 Kind = Literal["action", "compensation"]
@@ -38,6 +41,12 @@ Spec = Mapping[str, Any]
 Rng = Callable[[], float]
 
 TERMINAL = ("Succeeded", "Compensated", "Failed")
+# The annotation a human sets (to any new value) to resume a Failed saga.
+REDRIVE = "accord.dev/redrive"
+# What a decision counts (metric increments), with their labels.
+RETRY = "retry"  # (action|compensation): an attempt failed and another is scheduled
+COMPENSATED = "compensated"  # (): a step was undone
+FINISHED_AS = "finished"  # (phase): the saga reached a terminal phase
 # Finished for good: nothing held, nothing to redrive, nothing to compensate on delete. Such
 # a saga needs no controller any more (and no finalizer: deleting it never hangs). A Failed
 # saga still holds what its compensation could not release.
@@ -83,12 +92,7 @@ class Outcome:
     unknown: bool = False  # the request may have reached the participant
 
 
-@dataclass
-class Decision:
-    status: Status
-    calls: list[Call] = field(default_factory=list)
-    wake_at: float | None = None
-    events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
+Decision = decision.Decision[Call]
 
 
 # -- time as the status stores it ------------------------------------------------------------
@@ -198,6 +202,7 @@ def decide(
     d = Decision(st)
     by_name = {s["name"]: s for s in spec["steps"]}
     phase = st.get("phase") or "Pending"
+    was = phase
 
     if phase == "Pending":
         st.update(phase="Running", startedAt=iso(now), message="")
@@ -212,7 +217,7 @@ def decide(
 
     steps = _steps(st)
     if phase in TERMINAL:
-        return _finish(d, spec, generation, now)
+        return _finish(d, spec, generation, now, was)
 
     if phase == "Running":
         timeout = spec.get("timeoutSeconds")
@@ -228,7 +233,7 @@ def decide(
         _run(spec, st, by_name, steps, uid, now, d)
     if st["phase"] == "Compensating":
         _compensate(spec, st, by_name, steps, uid, now, d)
-    return _finish(d, spec, generation, now)
+    return _finish(d, spec, generation, now, was)
 
 
 def _abort(st: Status, why: str, d: Decision) -> None:
@@ -324,6 +329,7 @@ def _compensate(
         elif _needs_undo(s) and all(undone(x) for x in dependents[s["name"]]):
             if not spec_step.get("compensation"):
                 s.update(phase="Compensated", compensatedAt=iso(now))  # nothing to undo
+                d.counts.append((COMPENSATED, ()))
                 continue
             s["phase"] = "Compensating"
             d.calls.append(_start_attempt(s, "compensation", now, uid, spec_step, resend=False))
@@ -376,6 +382,7 @@ def record(
 ) -> Decision:
     st: Status = copy.deepcopy(dict(status))
     d = Decision(st)
+    was = st.get("phase") or "Pending"
     s = _steps(st)[outcome.step]
     spec_step = next(x for x in spec["steps"] if x["name"] == outcome.step)
     s.pop("inFlight", None)
@@ -383,7 +390,7 @@ def record(
         _record_action(spec, st, s, spec_step, outcome, now, rng, d)
     else:
         _record_compensation(st, s, spec_step, outcome, now, rng, d)
-    return _finish(d, spec, generation, now)
+    return _finish(d, spec, generation, now, was)
 
 
 def _record_action(
@@ -417,6 +424,7 @@ def _record_action(
         and not st.get("abortReason")
     ):
         s["nextAttemptAt"] = iso(now + backoff(spec_step, s["attempts"], rng))
+        d.counts.append((RETRY, ("action",)))
         return
     s.update(phase="Failed", finishedAt=iso(now))
     d.events.append(
@@ -444,10 +452,12 @@ def _record_compensation(
 ) -> None:
     if outcome.ok:
         s.update(phase="Compensated", compensatedAt=iso(now))  # lastError keeps why it was undone
+        d.counts.append((COMPENSATED, ()))
         return
     s["lastError"] = outcome.error[:ERROR_LIMIT]
     if outcome.retryable and s["compensationAttempts"] < _retry(spec_step)[0]:
         s["nextAttemptAt"] = iso(now + backoff(spec_step, s["compensationAttempts"], rng))
+        d.counts.append((RETRY, ("compensation",)))
         return
     s.update(phase="CompensationFailed", finishedAt=iso(now))
     st.update(
@@ -471,8 +481,10 @@ def bounded_output(output: Any) -> Any:
 # -- the parts every status gets ---------------------------------------------------------------
 
 
-def _finish(d: Decision, spec: Spec, generation: int, now: float) -> Decision:
+def _finish(d: Decision, spec: Spec, generation: int, now: float, was: str) -> Decision:
     st = d.status
+    if st.get("phase") in TERMINAL and st.get("phase") != was:
+        d.counts.append((FINISHED_AS, (st["phase"],)))
     steps = st.get("steps", [])
     done = sum(s["phase"] in COMPLETED for s in steps)
     st["progress"] = f"{done}/{len(spec['steps'])}"
@@ -500,3 +512,35 @@ def _finish(d: Decision, spec: Spec, generation: int, now: float) -> Decision:
         )
     st["conditions"] = conditions
     return d
+
+
+# -- the machine as the shared driver plugs it in ----------------------------------------------
+
+
+class SagaMachine:
+    """decide/record over the saga object: its uid, generation and redrive annotation."""
+
+    def __init__(self, *, deleting: bool = False, rng: Rng = random.random) -> None:
+        self.deleting = deleting
+        self.rng = rng
+
+    def decide(self, obj: Mapping[str, Any], status: Status, now: float) -> Decision:
+        meta = obj["metadata"]
+        return decide(
+            obj["spec"],
+            status,
+            uid=meta["uid"],
+            now=now,
+            generation=int(meta.get("generation", 1)),
+            deleting=self.deleting,
+            redrive=(meta.get("annotations") or {}).get(REDRIVE),
+        )
+
+    def record(
+        self, obj: Mapping[str, Any], status: Status, outcome: Outcome, now: float
+    ) -> Decision:
+        generation = int(obj["metadata"].get("generation", 1))
+        return record(obj["spec"], status, outcome, now=now, generation=generation, rng=self.rng)
+
+    def finished(self, status: Mapping[str, Any]) -> bool:
+        return status.get("phase") in TERMINAL

@@ -1,4 +1,6 @@
-"""Driving one saga: read, decide, write ahead, call, record, write, sleep. Nothing else."""
+"""The saga on the shared driver (accord_operator.driver): its store (the API server, with
+optimistic concurrency), its world (real time, Events, metrics) and its calls (steps.perform).
+"""
 
 from __future__ import annotations
 
@@ -11,15 +13,24 @@ from typing import Any
 import kopf
 
 from accord_operator import metrics
+from accord_operator.decision import Decision
+from accord_operator.driver import Driver
 from accord_operator.kubeapi import ApiError, KubeApi
 from accord_operator.participants import Participants
 from accord_operator.resources import GROUP, SAGA, VERSION
-from accord_operator.saga.machine import TERMINAL, Decision, Outcome, decide, record
+from accord_operator.saga.machine import (
+    COMPENSATED,
+    FINISHED_AS,
+    REDRIVE,
+    RETRY,
+    Call,
+    Outcome,
+    SagaMachine,
+)
 from accord_operator.saga.steps import perform
 
-REDRIVE = "accord.dev/redrive"
+__all__ = ["REDRIVE", "SKIP_COMPENSATION", "SagaDriver", "skip_compensation"]
 SKIP_COMPENSATION = "accord.dev/skip-compensation"
-IDLE_POLL_S = 2.0  # a terminal saga only waits for a redrive annotation
 
 logger = logging.getLogger("accord.saga")
 _locks: dict[str, asyncio.Lock] = {}
@@ -30,6 +41,9 @@ def _path(namespace: str, name: str) -> str:
 
 
 class SagaDriver:
+    """Runs each saga on the shared driver, one at a time per saga (the daemon and the
+    delete handler may both ask)."""
+
     def __init__(self, api: KubeApi, participants: Participants) -> None:
         self.api = api
         self.participants = participants
@@ -49,125 +63,95 @@ class SagaDriver:
         (kopf's daemon flag); without it the drive runs to a terminal phase.
         `annotations()` reads them from kopf's live view of the object (no API call).
         """
-        saga = await self.api.get(_path(namespace, name))
+        store = KubeStore(self.api, _path(namespace, name), annotations)
+        saga = await store.read()
         lock = _locks.setdefault(saga["metadata"]["uid"], asyncio.Lock())
         async with lock:
-            return await self._drive(saga, deleting, wait, annotations)
-
-    async def _drive(
-        self,
-        saga: dict[str, Any],
-        deleting: bool,
-        wait: Callable[[float], Awaitable[bool]] | None,
-        annotations: Callable[[], Mapping[str, str]] | None,
-    ) -> str:
-        meta = saga["metadata"]
-        status: dict[str, Any] = dict(saga.get("status") or {})
-        written = status
-        # What was decided since the last write: told (Events, metrics) once it is stored.
-        pending: list[tuple[dict[str, Any], Decision]] = []
-        while True:
-            redrive = (meta.get("annotations") or {}).get(REDRIVE)
-            d = decide(
-                saga["spec"],
-                status,
-                uid=meta["uid"],
-                now=time.time(),
-                generation=int(meta.get("generation", 1)),
-                deleting=deleting,
-                redrive=redrive,
+            loop: Driver[Call, Outcome] = Driver(
+                SagaMachine(deleting=deleting), store, self._act, SagaWorld(wait)
             )
-            pending.append((status, d))
-            status = d.status
-            # One write per round: the outcomes of the last calls together with the
-            # write-ahead of the next ones. Nothing is called before it is stored, and it is
-            # stored only over the version it was decided from (another writer wins: re-read
-            # and decide again; calls in flight are repeated under their idempotency keys).
-            if status != written:
-                fresh = await self._store(saga, status, written)
-                if fresh is not None:
-                    saga = fresh
-                    meta = saga["metadata"]
-                    status = written = dict(saga.get("status") or {})
-                    pending.clear()
-                    continue
-                written = status
-            for old, done in pending:
-                self._account(saga, old, done)
-            pending.clear()
-            if d.calls:
-                outcomes = await asyncio.gather(
-                    *(self._timed(call, saga, status) for call in d.calls)
-                )
-                for outcome in outcomes:
-                    r = record(
-                        saga["spec"],
-                        status,
-                        outcome,
-                        now=time.time(),
-                        generation=int(meta.get("generation", 1)),
-                    )
-                    pending.append((status, r))
-                    status = r.status
-                continue
-            phase = str(status.get("phase"))
-            if phase in TERMINAL and (wait is None or deleting):
-                return phase
-            delay = (
-                IDLE_POLL_S
-                if phase in TERMINAL or d.wake_at is None
-                else max(0.0, d.wake_at - time.time())
-            )
-            if wait is None:
-                await asyncio.sleep(min(delay, 5.0))
-            elif await wait(min(delay, 5.0)):
-                return phase
-            if phase in TERMINAL:
-                # Only a new redrive annotation can move a terminal saga.
-                if annotations is not None:
-                    meta = {**meta, "annotations": dict(annotations())}
-                else:
-                    meta = (await self.api.get(_path(meta["namespace"], meta["name"])))["metadata"]
+            status = await loop.run(watch_finished=wait is not None and not deleting)
+            return str(status.get("phase"))
 
-    async def _timed(self, call: Any, saga: dict[str, Any], status: dict[str, Any]) -> Outcome:
+    async def _act(self, call: Call, saga: dict[str, Any], status: dict[str, Any]) -> Outcome:
         started = time.perf_counter()
         outcome = await perform(call, saga, status, self.api, self.participants)
         if outcome.ok:
             metrics.SAGA_STEP_SECONDS.labels(call.kind).observe(time.perf_counter() - started)
         return outcome
 
-    def _account(self, saga: dict[str, Any], old: dict[str, Any], d: Decision) -> None:
-        """Events and metrics for a decision that is stored."""
-        for kind, reason, message in d.events:
-            kopf.event(saga, type=kind, reason=reason, message=message)
-        _count(old, d.status)
 
-    async def _store(
-        self, saga: dict[str, Any], status: dict[str, Any], written: dict[str, Any]
+class SagaWorld:
+    """Real time, kopf's stop flag, and Events and metrics once a decision is stored."""
+
+    def __init__(self, wait: Callable[[float], Awaitable[bool]] | None) -> None:
+        self._wait = wait
+
+    def now(self) -> float:
+        return time.time()
+
+    async def wait(self, seconds: float) -> bool:
+        if self._wait is None:
+            await asyncio.sleep(seconds)
+            return False
+        return await self._wait(seconds)
+
+    def tell(self, obj: dict[str, Any], decision: Decision[Any]) -> None:
+        for kind, reason, message in decision.events:
+            kopf.event(obj, type=kind, reason=reason, message=message)
+        for what, labels in decision.counts:
+            COUNTERS[what](*labels)
+
+
+COUNTERS: dict[str, Callable[..., None]] = {
+    RETRY: lambda kind: metrics.SAGA_RETRIES.labels(kind).inc(),
+    COMPENSATED: lambda: metrics.SAGA_COMPENSATIONS.inc(),
+    FINISHED_AS: lambda phase: metrics.SAGAS.labels(phase).inc(),
+}
+
+
+class KubeStore:
+    """A resource's status in the API server, written with optimistic concurrency."""
+
+    def __init__(
+        self, api: KubeApi, path: str, annotations: Callable[[], Mapping[str, str]] | None
+    ) -> None:
+        self.api, self.path, self._annotations = api, path, annotations
+
+    async def read(self) -> dict[str, Any]:
+        obj: dict[str, Any] = await self.api.get(self.path)
+        return obj
+
+    async def refresh(self, obj: dict[str, Any]) -> dict[str, Any]:
+        if self._annotations is not None:
+            meta = {**obj["metadata"], "annotations": dict(self._annotations())}
+        else:
+            meta = (await self.read())["metadata"]
+        return {**obj, "metadata": meta}
+
+    async def write(
+        self, obj: dict[str, Any], status: dict[str, Any], written: dict[str, Any]
     ) -> dict[str, Any] | None:
-        """Store status over the one we last wrote. None when stored; else the saga as it is
-        now, because someone else changed its status or spec (decide again from it). A
+        """Store status over the one we last wrote. None when stored; else the object as it
+        is now, because someone else changed its status or spec (decide again from it). A
         change of metadata only (kopf's annotations and finalizer) is written over."""
-        meta = saga["metadata"]
-        while not await self._patch(saga, status):
-            fresh: dict[str, Any] = await self.api.get(_path(meta["namespace"], meta["name"]))
-            if dict(fresh.get("status") or {}) != written or fresh["spec"] != saga["spec"]:
-                logger.info(
-                    "saga %s/%s changed meanwhile: deciding again", meta["namespace"], meta["name"]
-                )
+        meta = obj["metadata"]
+        while not await self._patch(meta, status):
+            fresh = await self.read()
+            if dict(fresh.get("status") or {}) != written or fresh["spec"] != obj["spec"]:
+                logger.info("%s changed meanwhile: deciding again", self.path)
                 return fresh
             meta.clear()
             meta.update(fresh["metadata"])
         return None
 
-    async def _patch(self, saga: dict[str, Any], status: dict[str, Any]) -> bool:
-        """Store the status over the version it was decided from; False if the saga changed
-        meanwhile (optimistic concurrency: a stale writer never overwrites a newer decision)."""
-        meta = saga["metadata"]
+    async def _patch(self, meta: dict[str, Any], status: dict[str, Any]) -> bool:
+        """Store the status over the version it was decided from; False if the object
+        changed meanwhile (a stale writer never overwrites a newer decision)."""
         try:
             answer = await self.api.request(
                 "PATCH",
-                _path(meta["namespace"], meta["name"]) + "/status",
+                self.path + "/status",
                 [
                     # A resourceVersion in the patch is a precondition: 409 if it moved on.
                     {"op": "replace", "path": "/metadata/resourceVersion",
@@ -178,29 +162,13 @@ class SagaDriver:
             )  # fmt: skip
         except ApiError as exc:
             if exc.status == 404:
-                raise kopf.PermanentError("the saga is gone") from None
+                raise kopf.PermanentError(f"{self.path} is gone") from None
             if exc.status == 409:
-                logger.info(
-                    "saga %s/%s changed meanwhile: deciding again", meta["namespace"], meta["name"]
-                )
+                logger.info("%s changed meanwhile: deciding again", self.path)
                 return False
             raise
         meta["resourceVersion"] = answer["metadata"]["resourceVersion"]
         return True
-
-
-def _count(old: dict[str, Any], new: dict[str, Any]) -> None:
-    before = {s["name"]: s for s in old.get("steps", [])}
-    for s in new.get("steps", []):
-        prev = before.get(s["name"], {})
-        if s.get("nextAttemptAt") and s.get("nextAttemptAt") != prev.get("nextAttemptAt"):
-            metrics.SAGA_RETRIES.labels(
-                "compensation" if s["phase"] == "Compensating" else "action"
-            ).inc()
-        if s["phase"] == "Compensated" and prev.get("phase") != "Compensated":
-            metrics.SAGA_COMPENSATIONS.inc()
-    if new.get("phase") in TERMINAL and old.get("phase") != new.get("phase"):
-        metrics.SAGAS.labels(new["phase"]).inc()
 
 
 def skip_compensation(body: kopf.Body) -> bool:
