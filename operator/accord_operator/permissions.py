@@ -16,9 +16,10 @@ _KINDS = ("sagaworkflows", "twophasetransactions", "cqrsprojections")
 # The reconcilers (kopf and our own client).
 CONTROLLER: Final[Grants] = {
     # kopf lists and watches the three kinds and patches its annotations and finalizer;
-    # the saga driver reads its saga; every reconciler patches the status subresource.
+    # the saga driver reads its saga, and deletes finished ones whose
+    # ttlSecondsAfterFinished passed; every reconciler patches the status subresource.
     **{("accord.dev", kind): frozenset({"list", "watch", "patch"}) for kind in _KINDS},
-    ("accord.dev", "sagaworkflows"): frozenset({"get", "list", "watch", "patch"}),
+    ("accord.dev", "sagaworkflows"): frozenset({"get", "list", "watch", "patch", "delete"}),
     **{("accord.dev", f"{kind}/status"): frozenset({"patch"}) for kind in _KINDS},
     # A job step's pod has blockOwnerDeletion on its saga: clusters enforcing owner
     # references check update on the owner's finalizers when the pod is created.

@@ -139,6 +139,17 @@ def test_sagas_drive_participants_through_their_sidecars(accord: E2ECluster) -> 
     assert "/reserve -> 200" in inventory and "/release -> 200" in inventory
     payment = accord.kubectl("logs", "-n", SHOP, "deploy/payment", "-c", "payment")
     assert "/charge -> 402" in payment
+    # With ttlSecondsAfterFinished the controller deletes it once it has finished.
+    saga = yaml.safe_load((EXAMPLES / "saga-order.yaml").read_text())
+    saga["metadata"] = {"name": "order-ttl", "namespace": SHOP}
+    saga["spec"]["ttlSecondsAfterFinished"] = 0
+    accord.kubectl("create", "-f", "-", input=json.dumps(saga))
+    accord.wait_until(
+        "the finished saga deleted",
+        lambda: "NotFound" in accord.kubectl(
+            "get", "saga", "order-ttl", "-n", SHOP, check=False, stderr=True
+        ),
+    )  # fmt: skip
 
 
 def saga_phase_eventually(k8s: E2ECluster, name: str) -> str:

@@ -167,6 +167,25 @@ def test_a_finished_saga_keeps_no_finalizer(bed: SagaBed) -> None:
     )  # fmt: skip
 
 
+def test_finished_sagas_past_their_ttl_are_deleted_failed_ones_kept(bed: SagaBed) -> None:
+    bed.services["inventory"].behave({"path": "/release", "status": 500})
+    bed.apply(bed.saga("short-lived", ORDER, ttlSecondsAfterFinished=1))
+    bed.apply(bed.saga("kept", ORDER))  # no TTL: kept
+    failing = [ORDER[0], step("charge", "payment", "charge-declined", "refund")]
+    bed.services["payment"].behave({"path": "/charge-declined", "status": 402})
+    bed.apply(bed.saga("held", failing, ttlSecondsAfterFinished=0))  # Failed: kept
+    bed.wait("kept", "Succeeded")
+    bed.wait("held", "Failed")
+    deadline = time.monotonic() + 60
+    while bed.cluster.exists("saga", "short-lived", bed.namespace):
+        assert time.monotonic() < deadline, "a finished saga outlived its TTL by a minute"
+        time.sleep(0.5)
+    assert bed.calls("shipping", "short-lived") == ["ship"]  # it did finish first
+    time.sleep(6)  # a sweep or more
+    assert bed.cluster.exists("saga", "kept", bed.namespace)
+    assert bed.cluster.exists("saga", "held", bed.namespace)
+
+
 def test_spec_is_immutable_once_started(bed: SagaBed) -> None:
     saga = bed.saga("frozen", ORDER)
     bed.apply(saga)

@@ -533,3 +533,14 @@ def test_invariants_hold_for_any_participant_behaviour(
     if status["phase"] == "Succeeded":
         assert undone_at_participant == []
         assert {s["name"] for s in steps} <= set(done_at_participant)
+
+
+def test_only_finished_sagas_with_a_ttl_expire() -> None:
+    from accord_operator.saga.machine import expires_at, iso
+
+    done = {"phase": "Succeeded", "finishedAt": iso(1000.0)}
+    assert expires_at({"ttlSecondsAfterFinished": 30}, done) == 1030.0
+    assert expires_at({"ttlSecondsAfterFinished": 0}, {**done, "phase": "Compensated"}) == 1000.0
+    assert expires_at({}, done) is None  # no TTL: kept
+    assert expires_at({"ttlSecondsAfterFinished": 0}, {**done, "phase": "Failed"}) is None
+    assert expires_at({"ttlSecondsAfterFinished": 0}, {"phase": "Running"}) is None

@@ -3,6 +3,7 @@ admission refuses job steps to whoever could not create their pods."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -10,8 +11,8 @@ import kopf
 
 from accord_operator.resources import GROUP, SAGA, VERSION
 from accord_operator.saga import admission
-from accord_operator.saga.machine import needs_controller
-from accord_operator.saga.runner import skip_compensation
+from accord_operator.saga.machine import expires_at, needs_controller
+from accord_operator.saga.runner import skip_compensation, sweep_expired
 
 
 def register_webhooks(registry: kopf.OperatorRegistry) -> None:
@@ -42,7 +43,30 @@ def _unfinished(status: kopf.Status, **_: Any) -> bool:
     return needs_controller(status)
 
 
+def _expiring(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
+    return expires_at(spec, status) is not None
+
+
 def register(registry: kopf.OperatorRegistry) -> None:
+    # Finished sagas with a TTL, and when each is due: an index fed by the watch, swept by
+    # one task (a finished saga keeps no task of its own).
+    @kopf.index(GROUP, VERSION, SAGA.plural, id="saga_expiry", when=_expiring, registry=registry)
+    def saga_expiry(
+        spec: kopf.Spec, status: kopf.Status, namespace: str, name: str, uid: str, **_: Any
+    ) -> dict[tuple[str, str], tuple[str, float]]:
+        return {(namespace, name): (uid, expires_at(spec, status) or 0.0)}
+
+    @kopf.on.startup(registry=registry)
+    async def saga_sweeper_start(
+        saga_expiry: kopf.Index[Any, Any], memo: kopf.Memo, **_: Any
+    ) -> None:
+        memo.saga_sweeper = asyncio.create_task(sweep_expired(saga_expiry, memo.api))
+
+    @kopf.on.cleanup(registry=registry)
+    async def saga_sweeper_stop(memo: kopf.Memo, **_: Any) -> None:
+        if memo.get("saga_sweeper") is not None:
+            memo.saga_sweeper.cancel()
+
     @kopf.daemon(
         GROUP,
         VERSION,

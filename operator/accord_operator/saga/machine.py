@@ -58,6 +58,15 @@ def needs_controller(status: Mapping[str, Any] | None) -> bool:
     return (status or {}).get("phase") not in FINISHED
 
 
+def expires_at(spec: Spec, status: Mapping[str, Any] | None) -> float | None:
+    """When a finished saga with `ttlSecondsAfterFinished` is due for deletion; else None."""
+    ttl = spec.get("ttlSecondsAfterFinished")
+    status = status or {}
+    if ttl is None or status.get("phase") not in FINISHED or not status.get("finishedAt"):
+        return None
+    return epoch(str(status["finishedAt"])) + float(ttl)
+
+
 OUTPUT_LIMIT = 16 * 1024
 ERROR_LIMIT = 4000
 COMPLETED = ("Succeeded", "Compensating", "Compensated", "CompensationFailed")

@@ -171,6 +171,38 @@ class KubeStore:
         return True
 
 
+async def sweep_expired(
+    expiring: Mapping[tuple[str, str], Any], api: KubeApi, every: float = 5.0
+) -> None:
+    """Delete finished sagas whose ttlSecondsAfterFinished has passed. `expiring` is kopf's
+    index of them ({(namespace, name): [(uid, expires_at)]}, kept up to date by the watch
+    kopf already runs): one task for all of them, and no API call until one is due."""
+    asked: set[str] = set()
+    while True:
+        now = time.time()
+        for (namespace, name), entries in list(expiring.items()):
+            for uid, at in list(entries):
+                if at > now or uid in asked:
+                    continue
+                try:
+                    # Only that saga: not a new one created since under the same name.
+                    await api.request(
+                        "DELETE",
+                        _path(namespace, name),
+                        {"preconditions": {"uid": uid}, "propagationPolicy": "Background"},
+                    )
+                    logger.info(
+                        "saga %s/%s deleted: ttlSecondsAfterFinished passed", namespace, name
+                    )
+                except ApiError as exc:
+                    if exc.status not in (404, 409):
+                        logger.warning("deleting expired saga %s/%s: %s", namespace, name, exc)
+                        continue
+                asked.add(uid)
+        asked &= {uid for entries in expiring.values() for uid, _ in entries}
+        await asyncio.sleep(every)
+
+
 def skip_compensation(body: kopf.Body) -> bool:
     return (body.metadata.annotations or {}).get(SKIP_COMPENSATION, "").lower() in (
         "true",
