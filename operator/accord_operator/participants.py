@@ -15,9 +15,9 @@ from typing import Any
 
 import aiohttp
 
+import accord_wire as wire
 from accord_operator.kubeapi import ApiError, KubeApi
 
-RETRYABLE_4XX = frozenset({408, 409, 429})
 _CACHE_TTL_S = 5.0
 # The API server's minimum; renewed when less than a fifth of it is left.
 _TOKEN_LIFETIME_S = 600
@@ -160,5 +160,5 @@ class Participants:
         if 200 <= r.status < 300:
             return Answer(True, False, False, r.status, body, "")
         text = body if isinstance(body, str) else json.dumps(body)
-        retryable = r.status >= 500 or r.status in RETRYABLE_4XX
+        retryable = wire.try_again(r.status)
         return Answer(False, retryable, False, r.status, body, f"HTTP {r.status}: {text[:500]}")

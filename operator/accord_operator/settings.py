@@ -7,6 +7,8 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from accord_wire import PARTICIPANT_AUDIENCE
+
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
     raw = env.get(name)
@@ -29,7 +31,6 @@ def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
 
 
 # The audience of the tokens participants receive (the sidecar checks it; DESIGN.md).
-PARTICIPANT_AUDIENCE = "accord.dev/participant"
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 
 from accord_operator.decision import Decision
 from accord_operator.driver import Driver
+from accord_operator.kinds import SagaStatus
 from accord_operator.saga.machine import Call, Outcome, SagaMachine, decide, epoch
+from tests.unit.test_kinds import conforms
 
 UID = "uid-1"
 Behaviour = Callable[[Call], Outcome]
@@ -77,6 +79,8 @@ class MemoryStore:
         self, obj: dict[str, Any], status: dict[str, Any], written: dict[str, Any]
     ) -> dict[str, Any] | None:
         assert self.obj["status"] == written, "a write over a status it did not decide from"
+        # Every field the machine writes is one the schema keeps (the API server prunes others).
+        assert conforms(status, SagaStatus) == []
         self.obj["status"] = copy.deepcopy(status)
         self.writes += 1
         return None

@@ -10,14 +10,22 @@ SIDECAR = Path(__file__).resolve().parents[2] / "sidecar_images" / "sidecar"
 
 
 def test_sidecar_imports_only_what_the_image_installs() -> None:
-    allowed = {"aiohttp", "nats", "prometheus_client", "multidict", "uvloop", "accord_sidecar"}
+    allowed = {
+        "aiohttp", "nats", "prometheus_client", "multidict", "uvloop", "accord_sidecar",
+        "accord_wire",  # copied into the image beside accord_sidecar (see the Dockerfile)
+    }  # fmt: skip
     wanted = {
         line.split("==")[0].replace("-", "_").replace("nats_py", "nats")
         for line in (SIDECAR / "requirements.txt").read_text().splitlines()
         if line and not line.startswith("#")
     }
     assert wanted == {"aiohttp", "nats", "prometheus_client", "uvloop"}
-    for path in (SIDECAR / "accord_sidecar").rglob("*.py"):
+    dockerfile = (SIDECAR / "Dockerfile").read_text()
+    assert "COPY accord_wire " in dockerfile and "COPY accord_sidecar " in dockerfile
+    for path in [
+        *(SIDECAR / "accord_sidecar").rglob("*.py"),
+        *(SIDECAR / "accord_wire").rglob("*.py"),
+    ]:
         for node in ast.walk(ast.parse(path.read_text())):
             names = (
                 [a.name for a in node.names]

@@ -12,11 +12,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
-PREFIX: Final = "accord.dev/"
-INJECT: Final = PREFIX + "inject"
-STATUS: Final = PREFIX + "sidecar-status"
-NATIVE: Final = PREFIX + "native-sidecar"
-NAMESPACE_LABEL: Final = PREFIX + "injection"
+from accord_wire import INJECT, NAMESPACE_LABEL, PREFIX, check_targets
+from accord_wire import NATIVE_SIDECAR as NATIVE
+from accord_wire import SIDECAR_STATUS as STATUS
+
+__all__ = ["INJECT", "NAMESPACE_LABEL", "NATIVE", "PREFIX", "STATUS"]
 SIDECAR_NAME: Final = "accord-sidecar"
 
 _LOG_LEVELS: Final = ("debug", "info", "warning", "error")
@@ -44,6 +44,10 @@ KNOWN: Final = frozenset(
         "http-port",
         "inbound-port",
         "admin-port",
+        "target-policies",
+        "subscribe-concurrency",
+        "subscribe-bulk",
+        "max-deliveries",
         *_RESOURCE_ANNOTATIONS,
     }
 )
@@ -160,10 +164,11 @@ def parse(annotations: Mapping[str, str]) -> SidecarConfig:
             parsed = json.loads(target_policies)
         except ValueError as exc:
             raise AnnotationError(f"{PREFIX}target-policies is not JSON: {exc}") from None
-        if not isinstance(parsed, dict) or not all(isinstance(v, dict) for v in parsed.values()):
-            raise AnnotationError(
-                f"{PREFIX}target-policies must map service names to policy objects"
-            )
+        try:
+            # The sidecar checks its env the same way: what is admitted here starts there.
+            check_targets(parsed, f"{PREFIX}target-policies")
+        except ValueError as exc:
+            raise AnnotationError(str(exc)) from None
 
     return SidecarConfig(
         target_policies=target_policies,

@@ -15,6 +15,8 @@ from accord_operator.injector.config import (
     parse,
     status_annotation,
 )
+from accord_wire import AppEnv
+from accord_wire import SidecarEnv as Env
 
 JsonPatch = list[dict[str, Any]]
 Pod = Mapping[str, Any]
@@ -98,34 +100,33 @@ def sidecar_container(
 ) -> dict[str, Any]:
     ports = config.ports
     env: list[dict[str, Any]] = [
-        {"name": "ACCORD_APP_ID", "value": app},
-        {"name": "ACCORD_HTTP_PORT", "value": str(ports.http)},
-        {"name": "ACCORD_INBOUND_PORT", "value": str(ports.inbound)},
-        {"name": "ACCORD_ADMIN_PORT", "value": str(ports.admin)},
-        {"name": "ACCORD_NATS_URL", "value": injector.nats_url},
-        {"name": "ACCORD_LOG_LEVEL", "value": config.log_level},
-        {"name": "ACCORD_DATA_DIR", "value": DATA_DIR},
-        {"name": "ACCORD_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": Env.APP_ID, "value": app},
+        {"name": Env.HTTP_PORT, "value": str(ports.http)},
+        {"name": Env.INBOUND_PORT, "value": str(ports.inbound)},
+        {"name": Env.ADMIN_PORT, "value": str(ports.admin)},
+        {"name": Env.NATS_URL, "value": injector.nats_url},
+        {"name": Env.LOG_LEVEL, "value": config.log_level},
+        {"name": Env.DATA_DIR, "value": DATA_DIR},
         {
-            "name": "ACCORD_POD_NAMESPACE",
+            "name": Env.POD_NAMESPACE,
             "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
         },
         # Always set, empty when there is no app port: a Service named accord-app in the
         # pod's namespace would otherwise hand the sidecar ACCORD_APP_PORT=tcp://... (the
         # kubelet's service links; the pod's own env wins over them).
-        {"name": "ACCORD_APP_PORT", "value": str(config.app_port or "")},
-        {"name": "ACCORD_TOKEN_AUDIENCE", "value": injector.token_audience},
+        {"name": Env.APP_PORT, "value": str(config.app_port or "")},
+        {"name": Env.TOKEN_AUDIENCE, "value": injector.token_audience},
     ]
     optional = {
-        "ACCORD_SUBSCRIBE": ",".join(config.subscribe) or None,
-        "ACCORD_RETRY_MAX_ATTEMPTS": config.retry_max_attempts,
-        "ACCORD_RETRY_INITIAL_MS": config.retry_initial_ms,
-        "ACCORD_RETRY_MAX_MS": config.retry_max_ms,
-        "ACCORD_TIMEOUT_MS": config.timeout_ms,
-        "ACCORD_TARGETS": config.target_policies,
-        "ACCORD_CONCURRENCY": config.subscribe_concurrency,
-        "ACCORD_BULK_MAX": config.subscribe_bulk,
-        "ACCORD_MAX_DELIVERIES": config.max_deliveries,
+        Env.SUBSCRIBE: ",".join(config.subscribe) or None,
+        Env.RETRY_MAX_ATTEMPTS: config.retry_max_attempts,
+        Env.RETRY_INITIAL_MS: config.retry_initial_ms,
+        Env.RETRY_MAX_MS: config.retry_max_ms,
+        Env.TIMEOUT_MS: config.timeout_ms,
+        Env.TARGETS: config.target_policies,
+        Env.CONCURRENCY: config.subscribe_concurrency,
+        Env.BULK_MAX: config.subscribe_bulk,
+        Env.MAX_DELIVERIES: config.max_deliveries,
     }
     env += [{"name": k, "value": str(v)} for k, v in optional.items() if v is not None]
 
@@ -174,8 +175,8 @@ def sidecar_container(
 
 def _app_env(config: SidecarConfig) -> list[dict[str, Any]]:
     return [
-        {"name": "ACCORD_HTTP_PORT", "value": str(config.ports.http)},
-        {"name": "ACCORD_SIDECAR_URL", "value": f"http://127.0.0.1:{config.ports.http}"},
+        {"name": AppEnv.HTTP_PORT, "value": str(config.ports.http)},
+        {"name": AppEnv.SIDECAR_URL, "value": f"http://127.0.0.1:{config.ports.http}"},
     ]
 
 

@@ -34,15 +34,15 @@ from typing import Any, Literal
 
 from accord_operator import decision
 from accord_operator.conditions import Condition, set_condition
+from accord_operator.kinds import SagaSpec
+from accord_wire import REDRIVE
 
 Kind = Literal["action", "compensation"]
 Status = dict[str, Any]
-Spec = Mapping[str, Any]
+Spec = SagaSpec
 Rng = Callable[[], float]
 
 TERMINAL = ("Succeeded", "Compensated", "Failed")
-# The annotation a human sets (to any new value) to resume a Failed saga.
-REDRIVE = "accord.dev/redrive"
 # What a decision counts (metric increments), with their labels.
 RETRY = "retry"  # (action|compensation): an attempt failed and another is scheduled
 COMPENSATED = "compensated"  # (): a step was undone

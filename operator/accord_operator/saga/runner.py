@@ -21,16 +21,15 @@ from accord_operator.resources import GROUP, SAGA, VERSION
 from accord_operator.saga.machine import (
     COMPENSATED,
     FINISHED_AS,
-    REDRIVE,
     RETRY,
     Call,
     Outcome,
     SagaMachine,
 )
 from accord_operator.saga.steps import perform
+from accord_wire import REDRIVE, SKIP_COMPENSATION
 
 __all__ = ["REDRIVE", "SKIP_COMPENSATION", "SagaDriver", "skip_compensation"]
-SKIP_COMPENSATION = "accord.dev/skip-compensation"
 
 logger = logging.getLogger("accord.saga")
 _locks: dict[str, asyncio.Lock] = {}

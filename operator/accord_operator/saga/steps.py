@@ -10,6 +10,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import accord_wire as wire
 from accord_operator.kubeapi import ApiError, KubeApi
 from accord_operator.participants import Participants, ServiceNotFound
 from accord_operator.resources import API_VERSION, SAGA
@@ -58,9 +59,9 @@ async def _http(
         base + http["path"],
         {"input": saga["spec"].get("input", {}), "outputs": _outputs(status)},
         {
-            "Accord-Saga": f"{meta['namespace']}/{meta['name']}",
-            "Accord-Step": call.step,
-            "Accord-Idempotency-Key": call.key,
+            wire.SAGA: f"{meta['namespace']}/{meta['name']}",
+            wire.STEP: call.step,
+            wire.IDEMPOTENCY_KEY: call.key,
         },
         call.timeout_s,
         method=http.get("method", "POST"),
@@ -135,7 +136,7 @@ async def _job(
                 "accord.dev/step": call.step,
                 "accord.dev/step-kind": call.kind,
             },
-            "annotations": {"accord.dev/inject": "true"},
+            "annotations": {wire.INJECT: "true"},
             "ownerReferences": [
                 {
                     "apiVersion": API_VERSION,

@@ -9,6 +9,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import accord_wire as wire
+
 TOPIC = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 SERVICE = re.compile(
     r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*(:[0-9]{1,5})?$"
@@ -45,15 +47,7 @@ def _services(raw: str) -> dict[str, str]:
 
 
 # Per-target overrides: ACCORD_TARGETS='{"payment": {"timeoutMs": 500, "maxAttempts": 5}}'
-TARGET_FIELDS: dict[str, tuple[int, int]] = {
-    "timeoutMs": (1, 3_600_000),
-    "maxAttempts": (1, 100),
-    "initialMs": (0, 3_600_000),
-    "maxMs": (0, 3_600_000),
-    "breakerFailures": (1, 10_000),
-    "breakerCooldownMs": (1, 3_600_000),
-    "retryBudgetPercent": (0, 1000),
-}
+TARGET_FIELDS = wire.TARGET_FIELDS
 
 
 def _targets(raw: str) -> dict[str, dict[str, int]]:
@@ -63,26 +57,10 @@ def _targets(raw: str) -> dict[str, dict[str, int]]:
         data = json.loads(raw)
     except ValueError as exc:
         raise ConfigError(f"ACCORD_TARGETS is not JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError("ACCORD_TARGETS must be a JSON object of service -> policy")
-    out: dict[str, dict[str, int]] = {}
-    for service, policy in data.items():
-        if not isinstance(policy, dict):
-            raise ConfigError(f"ACCORD_TARGETS.{service} must be an object")
-        checked: dict[str, int] = {}
-        for key, value in policy.items():
-            if key not in TARGET_FIELDS:
-                raise ConfigError(
-                    f"ACCORD_TARGETS.{service}.{key} is not one of {', '.join(TARGET_FIELDS)}"
-                )
-            lo, hi = TARGET_FIELDS[key]
-            if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-                raise ConfigError(
-                    f"ACCORD_TARGETS.{service}.{key} must be an integer from {lo} to {hi}"
-                )
-            checked[key] = value
-        out[service] = checked
-    return out
+    try:
+        return wire.check_targets(data, "ACCORD_TARGETS")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -130,7 +108,7 @@ class Config:
     kube_client_key: str = ""
     # Callers' service-account tokens must be for this audience (TokenRequest): a token
     # for the API server, which could do anything there, is never accepted here.
-    token_audience: str = "accord.dev/participant"
+    token_audience: str = wire.PARTICIPANT_AUDIENCE
     shutdown_grace_s: int = 20
     log_level: str = "info"
     in_cluster: bool = False  # resolve unknown services through cluster DNS
@@ -205,7 +183,7 @@ class Config:
             ),
             kube_client_cert=env.get("ACCORD_KUBE_CLIENT_CERT", ""),
             kube_client_key=env.get("ACCORD_KUBE_CLIENT_KEY", ""),
-            token_audience=env.get("ACCORD_TOKEN_AUDIENCE", "") or "accord.dev/participant",
+            token_audience=env.get("ACCORD_TOKEN_AUDIENCE", "") or wire.PARTICIPANT_AUDIENCE,
             shutdown_grace_s=_int(env, "ACCORD_SHUTDOWN_GRACE_S", 20, 0, 3600),
             log_level=env.get("ACCORD_LOG_LEVEL", "info").lower(),
             in_cluster=in_cluster or "ACCORD_POD_NAMESPACE" in env,

@@ -9,6 +9,7 @@ import time
 import aiohttp
 from aiohttp import web
 
+import accord_wire as wire
 from accord_sidecar import metrics
 from accord_sidecar.auth import Authenticator
 from accord_sidecar.config import Config
@@ -16,7 +17,7 @@ from accord_sidecar.dedup import DedupTable, Stored
 from accord_sidecar.errors import error, read_body
 from accord_sidecar.invoke import forward_headers
 
-IDEMPOTENCY_KEY = "Accord-Idempotency-Key"
+IDEMPOTENCY_KEY = wire.IDEMPOTENCY_KEY
 MAX_KEY_LENGTH = 512
 
 
@@ -107,12 +108,13 @@ class Inbound:
         for k, v in stored.headers:
             response.headers.add(k, v)
         if replayed:
-            response.headers["Accord-Replayed"] = "true"
+            response.headers[wire.REPLAYED] = "true"
         return response
 
 
 def final(status: int) -> bool:
-    return status < 500 and status not in (408, 409, 429)
+    """An answer to keep for its idempotency key: anything but "try again"."""
+    return not wire.try_again(status)
 
 
 def _error_stored(status: int, code: str, message: str) -> Stored:

@@ -13,6 +13,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+import accord_wire as wire
 from accord_sidecar import metrics
 from accord_sidecar.config import SERVICE, Config
 from accord_sidecar.errors import error, read_body
@@ -178,7 +179,7 @@ class Invoker:
             code, message = failure
             return error(504 if code == "timeout" else 502, code, f"{service}: {message}")
         out = web.Response(status=status, body=resp_body, headers=forward_headers(resp_headers))
-        out.headers["Accord-Attempts"] = str(attempt)
+        out.headers[wire.ATTEMPTS] = str(attempt)
         return out
 
     async def _attempt(

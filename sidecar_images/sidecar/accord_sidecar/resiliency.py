@@ -13,9 +13,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
+import accord_wire as wire
+
 Clock = Callable[[], float]
 
-RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
 
@@ -42,11 +43,12 @@ def may_retry_request(method: str, headers: Mapping[str, str]) -> bool:
     """A POST/PATCH is retried only when it carries an idempotency key."""
     if method.upper() in IDEMPOTENT_METHODS:
         return True
-    return any(k.lower() == "accord-idempotency-key" for k in headers)
+    return any(k.lower() == wire.IDEMPOTENCY_KEY.lower() for k in headers)
 
 
 def retryable_status(status: int) -> bool:
-    return status in RETRYABLE_STATUS or status >= 500
+    """5xx, 408, 409, 429: the one rule (accord_wire.try_again) the operator uses too."""
+    return wire.try_again(status)
 
 
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:

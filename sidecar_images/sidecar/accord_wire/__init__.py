@@ -1,0 +1,116 @@
+"""The wire between Accord's operator and its sidecar: one home for every name and rule both
+sides must agree on (headers, annotations, which answers mean "try again", the environment
+the injector writes for the sidecar). Pure constants and functions, no dependencies: the
+operator and the sidecar both import it, and never each other. It lives beside the sidecar
+because the sidecar's image is built from that directory; the operator's wheel carries it
+too. tests/unit/test_wire.py proves each side uses it."""
+
+from __future__ import annotations
+
+from typing import Final
+
+# -- HTTP headers ------------------------------------------------------------------------------
+
+IDEMPOTENCY_KEY: Final = "Accord-Idempotency-Key"  # <saga uid>/<step>/<action|compensation>
+SAGA: Final = "Accord-Saga"  # <namespace>/<name> of the calling saga
+STEP: Final = "Accord-Step"  # the step's name
+REPLAYED: Final = "Accord-Replayed"  # "true": a stored answer, the app was not called again
+ATTEMPTS: Final = "Accord-Attempts"  # how many attempts the sidecar made for an invoke
+
+# -- annotations and labels --------------------------------------------------------------------
+
+PREFIX: Final = "accord.dev/"
+INJECT: Final = PREFIX + "inject"  # on a pod: "true" asks for the sidecar, "false" refuses it
+NAMESPACE_LABEL: Final = PREFIX + "injection"  # on a namespace: "enabled"
+SIDECAR_STATUS: Final = PREFIX + "sidecar-status"  # written by the injector
+NATIVE_SIDECAR: Final = PREFIX + "native-sidecar"
+REDRIVE: Final = PREFIX + "redrive"  # on a Failed saga: any new value resumes it
+SKIP_COMPENSATION: Final = PREFIX + "skip-compensation"  # on a saga being deleted
+# The audience of the token the operator sends participants (TokenRequest / TokenReview).
+PARTICIPANT_AUDIENCE: Final = "accord.dev/participant"
+
+# -- answers -----------------------------------------------------------------------------------
+
+# A 4xx is a definitive refusal (the action did not happen, do not retry), except these,
+# which say "not now": timeout, conflict (e.g. a duplicate still in progress), too many.
+TRY_AGAIN_4XX: Final = frozenset({408, 409, 429})
+
+
+def try_again(status: int) -> bool:
+    """Whether an HTTP answer means "try again" (5xx, 408, 409, 429), not a final answer.
+    The operator retries such a step; the sidecar retries such an invoke and never stores
+    it as the answer to an idempotency key."""
+    return status >= 500 or status in TRY_AGAIN_4XX
+
+
+# -- the sidecar's environment, as the injector writes it --------------------------------------
+
+
+class SidecarEnv:
+    """Names of the variables the injector sets on the sidecar container (the sidecar reads
+    these, and more of its own: see accord_sidecar.config)."""
+
+    APP_ID: Final = "ACCORD_APP_ID"
+    HTTP_PORT: Final = "ACCORD_HTTP_PORT"
+    INBOUND_PORT: Final = "ACCORD_INBOUND_PORT"
+    ADMIN_PORT: Final = "ACCORD_ADMIN_PORT"
+    NATS_URL: Final = "ACCORD_NATS_URL"
+    LOG_LEVEL: Final = "ACCORD_LOG_LEVEL"
+    DATA_DIR: Final = "ACCORD_DATA_DIR"
+    POD_NAMESPACE: Final = "ACCORD_POD_NAMESPACE"
+    APP_PORT: Final = "ACCORD_APP_PORT"
+    TOKEN_AUDIENCE: Final = "ACCORD_TOKEN_AUDIENCE"
+    SUBSCRIBE: Final = "ACCORD_SUBSCRIBE"
+    RETRY_MAX_ATTEMPTS: Final = "ACCORD_RETRY_MAX_ATTEMPTS"
+    RETRY_INITIAL_MS: Final = "ACCORD_RETRY_INITIAL_MS"
+    RETRY_MAX_MS: Final = "ACCORD_RETRY_MAX_MS"
+    TIMEOUT_MS: Final = "ACCORD_TIMEOUT_MS"
+    TARGETS: Final = "ACCORD_TARGETS"
+    CONCURRENCY: Final = "ACCORD_CONCURRENCY"
+    BULK_MAX: Final = "ACCORD_BULK_MAX"
+    MAX_DELIVERIES: Final = "ACCORD_MAX_DELIVERIES"
+
+
+class AppEnv:
+    """Names of the variables the injector adds to the app's containers."""
+
+    HTTP_PORT: Final = "ACCORD_HTTP_PORT"
+    SIDECAR_URL: Final = "ACCORD_SIDECAR_URL"
+
+
+# -- per-target invoke policies (annotation accord.dev/target-policies, env ACCORD_TARGETS) -----
+
+# Each field a target's policy may set, with its bounds.
+TARGET_FIELDS: Final[dict[str, tuple[int, int]]] = {
+    "timeoutMs": (1, 3_600_000),
+    "maxAttempts": (1, 100),
+    "initialMs": (0, 3_600_000),
+    "maxMs": (0, 3_600_000),
+    "breakerFailures": (1, 10_000),
+    "breakerCooldownMs": (1, 3_600_000),
+    "retryBudgetPercent": (0, 1000),
+}
+
+
+def check_targets(data: object, where: str) -> dict[str, dict[str, int]]:
+    """Per-target policies, checked the same way where the injector reads them (from an
+    annotation) and where the sidecar does (from its env). ValueError names `where` and the
+    field: a policy one side accepts, the other never refuses."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a JSON object of service -> policy")
+    out: dict[str, dict[str, int]] = {}
+    for service, policy in data.items():
+        if not isinstance(policy, dict):
+            raise ValueError(f"{where}.{service} must be an object")
+        checked: dict[str, int] = {}
+        for key, value in policy.items():
+            if key not in TARGET_FIELDS:
+                raise ValueError(
+                    f"{where}.{service}.{key} is not one of {', '.join(TARGET_FIELDS)}"
+                )
+            lo, hi = TARGET_FIELDS[key]
+            if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+                raise ValueError(f"{where}.{service}.{key} must be an integer from {lo} to {hi}")
+            checked[key] = value
+        out[str(service)] = checked
+    return out
