@@ -72,6 +72,21 @@ def test_failure_at_payment_compensates_inventory(bed: SagaBed) -> None:
     assert ("Warning", "Compensating") in bed.events("order-2")
 
 
+def test_events_come_from_accord_operator_in_the_order_they_happened(bed: SagaBed) -> None:
+    bed.services["payment"].behave({"path": "/charge", "status": 402})
+    bed.apply(bed.saga("told", ORDER))
+    bed.wait("told", "Compensated")
+    expected = ["Running", "StepFailed", "Compensating", "Compensated"]
+    deadline = time.monotonic() + 30
+    while len(events := bed.event_objects("told")) < len(expected):
+        assert time.monotonic() < deadline, [e["reason"] for e in events]
+        time.sleep(0.3)
+    assert [e["reason"] for e in events] == expected
+    assert {e["source"].get("component") or e.get("reportingComponent") for e in events} == {
+        "accord-operator"
+    }
+
+
 def test_failure_at_step_k_compensates_k_minus_1_to_1_in_order(bed: SagaBed) -> None:
     steps = [step(f"s{i}", "inventory", f"do-{i}", f"undo-{i}") for i in range(1, 5)]
     bed.services["inventory"].behave({"path": "/do-4", "status": 400})

@@ -62,21 +62,17 @@ class SagaBed:
         ]
 
     def events(self, name: str) -> list[tuple[str, str]]:
+        return [(e["type"], e["reason"]) for e in self.event_objects(name)]
+
+    def event_objects(self, name: str) -> list[dict[str, Any]]:
+        """The saga's Events in the order they were posted (eventTime has microseconds)."""
         items = json.loads(
             self.cluster.kubectl(
-                "get",
-                "events",
-                "-n",
-                self.namespace,
-                "-o",
-                "json",
+                "get", "events", "-n", self.namespace, "-o", "json",
                 f"--field-selector=involvedObject.name={name}",
             )
-        )["items"]
-        return [
-            (e["type"], e["reason"])
-            for e in sorted(items, key=lambda e: e.get("firstTimestamp") or "")
-        ]
+        )["items"]  # fmt: skip
+        return sorted(items, key=lambda e: e.get("eventTime") or e.get("firstTimestamp") or "")
 
 
 def step(
