@@ -223,9 +223,12 @@ def main() -> int:
         tmp = Path(tmp_dir)
         cluster = Cluster(cp)
         install_crds(cp, ROOT / "crds")
+        # "after" runs first: it writes nothing to a finished saga, so "before" then starts
+        # from the same untouched objects (the other way round, "after" would first have to
+        # undo the finalizers "before" added).
         builds = {
-            "before": {"PYTHONPATH": str(old / "operator")},
             "after": {"PYTHONPATH": str(ROOT / "operator")},
+            "before": {"PYTHONPATH": str(old / "operator")},
         }
         sinks, ports = [], {}
         for name in ("inventory", "payment", "shipping"):

@@ -13,8 +13,8 @@ POST /_behave {"rules": [...]}   how to answer, first matching rule wins:
 anything else                    200 with {"ok": true, "path": ..., "n": <call number>}
 
 Like any well-behaved participant it deduplicates: a call carrying an Accord-Idempotency-Key
-it has already answered (below 500) gets the same answer again, recorded with
-"replayed": true, and no rule is consulted.
+it has already answered (below 500) gets the same answer again with Accord-Replayed: true
+(as the sidecar does), recorded with "replayed": true, and no rule is consulted.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class Recorder:
             call["replayed"] = True
             status, payload = self.answers[idem]
             call["status"] = status
-            return web.json_response(payload, status=status)
+            return web.json_response(payload, status=status, headers={"Accord-Replayed": "true"})
         response = await self._answer(request, body)
         call["status"] = response.status
         if idem and response.status < 500 and response.status not in (408, 409, 429):

@@ -19,7 +19,7 @@ is told (Event, metric) that was not stored.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -44,6 +44,12 @@ class Machine(Protocol[C, O_contra]):
 
     def finished(self, status: Mapping[str, Any]) -> bool:
         """Nothing to do until something outside the status changes."""
+        ...
+
+    def slot(self, call: C) -> Hashable:
+        """What a call works on (a saga: its step and kind). While a call is in flight, the
+        machine may ask for it again (its write-ahead mark says so): the driver does not
+        make it twice."""
         ...
 
 
@@ -78,13 +84,18 @@ class Actor(Protocol[C_contra, O_co]):
 
 @dataclass
 class Round(Generic[C]):
-    calls: list[C]  # made in this round (empty: nothing was due)
+    calls: list[C]  # started in this round (empty: nothing was due)
     wait: float | None  # seconds until something is due; None: finished (or changed: 0)
 
 
 class Driver(Generic[C, O]):
     """One object's loop. `round()` is one turn, `run()` loops them until finished or told
-    to stop. Not safe to share between tasks: one driver per object at a time."""
+    to stop. Not safe to share between tasks: one driver per object at a time.
+
+    Calls complete on their own: a round starts what is due, then waits for the first call
+    to finish (or for something to come due), records it, and the next round decides, writes
+    and starts what that made ready, while slower calls stay in flight. One slow branch
+    never holds up an independent one, and every call is still written ahead."""
 
     def __init__(
         self, machine: Machine[C, O], store: Store, act: Actor[C, O], world: World
@@ -95,6 +106,7 @@ class Driver(Generic[C, O]):
         self._written: Status = {}
         # Decided since the last write: told once it is stored, forgotten if it is not.
         self._pending: list[Decision[C]] = []
+        self._flying: dict[asyncio.Task[O], C] = {}  # calls in flight, in start order
 
     async def start(self) -> None:
         self._load(await self.store.read())
@@ -123,18 +135,35 @@ class Driver(Generic[C, O]):
         for done in self._pending:
             self.world.tell(obj, done)
         self._pending.clear()
-        if d.calls:
-            status = self.status
-            outcomes = await asyncio.gather(*(self.act(c, obj, status) for c in d.calls))
-            for outcome in outcomes:
+        busy = {self.machine.slot(c) for c in self._flying.values()}
+        started = [c for c in d.calls if self.machine.slot(c) not in busy]
+        status = self.status
+        for call in started:
+            self._flying[asyncio.ensure_future(self.act(call, obj, status))] = call
+        if self._flying:
+            due = None if d.wake_at is None else max(0.01, d.wake_at - self.world.now())
+            await asyncio.wait(self._flying, timeout=due, return_when=asyncio.FIRST_COMPLETED)
+            for task in [t for t in self._flying if t.done()]:  # in the order they started
+                del self._flying[task]
+                try:
+                    outcome = task.result()
+                except BaseException:
+                    self.abandon()  # the loop is over: its write-ahead marks resend them
+                    raise
                 r = self.machine.record(obj, self.status, outcome, self.world.now())
                 self._pending.append(r)
                 self.status = r.status
-            return Round(d.calls, 0.0)
+            return Round(started, 0.0)
         if self.machine.finished(self.status):
             return Round([], None)
         wake = d.wake_at if d.wake_at is not None else self.world.now() + IDLE_S
         return Round([], max(0.0, wake - self.world.now()))
+
+    def abandon(self) -> None:
+        """Stop waiting for the calls in flight (the process is going away)."""
+        for task in self._flying:
+            task.cancel()
+        self._flying.clear()
 
     async def run(self, *, watch_finished: bool) -> Status:
         """Loop until finished (stored and told), or, with `watch_finished`, until the

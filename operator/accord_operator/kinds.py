@@ -97,6 +97,9 @@ class StepStatus(TypedDict):
     inFlight: NotRequired[Literal["action", "compensation"]]  # written before the call
     nextAttemptAt: NotRequired[str]
     outcomeUnknown: NotRequired[bool]
+    refused: NotRequired[bool]  # the last answer was a definitive refusal
+    replayed: NotRequired[bool]  # the last answer came from the participant sidecar's store
+    keyGeneration: NotRequired[int]  # bumped by a redrive after a refusal: a new key
     pod: NotRequired[str]  # a job step's pod
 
 
@@ -113,6 +116,7 @@ class SagaStatus(TypedDict):
     lastRedrive: NotRequired[str]
     forwardFailure: NotRequired[str]
     abortReason: NotRequired[str]
+    cause: NotRequired[str]  # what first made it compensate or stop; survives a redrive
     conditions: NotRequired[list[Condition]]
 
 

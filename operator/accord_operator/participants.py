@@ -31,6 +31,7 @@ class Answer:
     status: int
     body: Any
     error: str
+    replayed: bool = False  # the participant's sidecar answered from its store
 
 
 class ServiceNotFound(Exception):
@@ -144,6 +145,7 @@ class Participants:
                 timeout=aiohttp.ClientTimeout(total=timeout_s),
             ) as r:
                 raw = await r.read()
+                replayed = r.headers.get(wire.REPLAYED, "").lower() == "true"
         except TimeoutError:
             return Answer(False, True, True, 0, None, f"no answer within {timeout_s:g}s from {url}")
         except aiohttp.ClientConnectorError as exc:
@@ -158,7 +160,8 @@ class Participants:
         except (ValueError, UnicodeDecodeError):
             body = raw.decode(errors="replace")
         if 200 <= r.status < 300:
-            return Answer(True, False, False, r.status, body, "")
+            return Answer(True, False, False, r.status, body, "", replayed)
         text = body if isinstance(body, str) else json.dumps(body)
         retryable = wire.try_again(r.status)
-        return Answer(False, retryable, False, r.status, body, f"HTTP {r.status}: {text[:500]}")
+        error = f"HTTP {r.status}: {text[:500]}" + (" (replayed)" if replayed else "")
+        return Answer(False, retryable, False, r.status, body, error, replayed)

@@ -151,6 +151,20 @@ def test_parallel_branches(bed: SagaBed) -> None:
     assert charge["startedAt"] >= max(flight["finishedAt"], hotel["finishedAt"])
 
 
+def test_a_slow_branch_does_not_hold_up_an_independent_one(bed: SagaBed) -> None:
+    bed.services["inventory"].behave({"path": "/slow", "delayMs": 4000})
+    steps = [
+        step("slow", "inventory", "slow", "undo-slow", dependsOn=[], timeoutSeconds=30),
+        step("fast", "shipping", "fast", "undo-fast", dependsOn=[]),
+        step("after-fast", "payment", "next", "undo-next", dependsOn=["fast"]),
+    ]
+    bed.apply(bed.saga("branches", steps))
+    status = bed.wait("branches", "Succeeded")["status"]
+    slow, _, after = status["steps"]
+    # The step after the fast branch ran while the slow call was still in flight.
+    assert after["startedAt"] < slow["finishedAt"] and after["finishedAt"] < slow["finishedAt"]
+
+
 def test_pivot_goes_forward(bed: SagaBed) -> None:
     bed.services["shipping"].behave({"path": "/ship", "fail": 4, "status": 503})
     steps = [
@@ -169,6 +183,96 @@ def test_pivot_goes_forward(bed: SagaBed) -> None:
     bed.wait("pivot", "Succeeded")
     assert bed.calls("shipping") == ["ship"] * 5  # past maxAttempts: forward recovery
     assert "release" not in bed.calls("inventory")
+
+
+PIVOT_ORDER = [
+    ORDER[0],
+    {"name": "charge", "compensable": False,
+     "action": {"http": {"service": "payment", "path": "/charge"}}},
+    ORDER[2],
+]  # fmt: skip
+
+
+def test_a_redrive_after_a_refusal_reaches_the_participant_again(bed: SagaBed) -> None:
+    """The participant deduplicates (like the sidecar): the same key would only replay its
+    stored 400. A definitive refusal means nothing happened, so the redrive sends a new key."""
+    bed.services["shipping"].behave({"path": "/ship", "status": 400, "body": {"error": "address"}})
+    bed.apply(bed.saga("refused", PIVOT_ORDER))
+    assert "HTTP 400" in bed.wait("refused", "Failed")["status"]["message"]
+    bed.services["shipping"].behave()  # the address is fixed
+    bed.cluster.kubectl(
+        "annotate", "saga", "refused", "-n", bed.namespace, "accord.dev/redrive=fixed"
+    )
+    saga = bed.wait("refused", "Succeeded")
+    assert bed.calls("shipping") == ["ship", "ship"]  # executed again, not replayed
+    keys = [c["headers"]["Accord-Idempotency-Key"] for c in bed.services["shipping"].calls()]
+    uid = saga["metadata"]["uid"]
+    assert keys == [f"{uid}/ship/action", f"{uid}/ship/action/r1"]
+    assert saga["status"]["steps"][2]["keyGeneration"] == 1
+    assert saga["status"]["cause"].startswith("step ship after the pivot was refused: HTTP 400")
+
+
+def test_a_replayed_answer_is_recorded_in_the_step(bed: SagaBed) -> None:
+    bed.services["payment"].behave({"path": "/charge", "delayMs": 1500, "fail": 1})
+    # The first attempt gives up after 1 s; the participant finishes it at 1.5 s; the retry
+    # comes 2 s later, under the same key, and gets the stored answer.
+    retry = {"maxAttempts": 3, "backoff": {"initialSeconds": 2, "maxSeconds": 2}, "jitter": 0}
+    steps = [ORDER[0], {**ORDER[1], "timeoutSeconds": 1, "retry": retry}, ORDER[2]]
+    bed.apply(bed.saga("replayed", steps))
+    status = bed.wait("replayed", "Succeeded")["status"]
+    # The first attempt timed out but was executed; the retry got the stored answer.
+    assert [c.get("replayed", False) for c in bed.services["payment"].calls()][-1] is True
+    assert status["steps"][1]["replayed"] is True
+
+
+def test_a_call_in_flight_is_cut_at_the_saga_deadline(bed: SagaBed) -> None:
+    bed.services["payment"].behave({"path": "/charge", "delayMs": 30_000})
+    steps = [ORDER[0], {**ORDER[1], "timeoutSeconds": 60}, ORDER[2]]
+    bed.apply(bed.saga("deadline", steps, timeoutSeconds=2))
+    status = bed.wait("deadline", "Compensated")["status"]
+    charge = status["steps"][1]
+    # Cut at the saga's deadline (2 s from the start), not at the step's 60 s.
+    assert "no answer within" in charge["lastError"]
+    assert float(charge["lastError"].split("within ")[1].split("s")[0]) <= 2
+    assert "timed out" in status["cause"] and bed.calls("inventory") == ["reserve", "release"]
+
+
+def test_deleting_a_saga_waits_while_its_compensation_fails(bed: SagaBed) -> None:
+    bed.services["inventory"].behave({"path": "/release", "status": 422})
+    bed.services["payment"].behave({"path": "/charge", "status": 402})
+    bed.apply(bed.saga("holding", ORDER))
+    bed.wait("holding", "Failed")
+    bed.cluster.kubectl("delete", "saga", "holding", "-n", bed.namespace, "--wait=false")
+    deadline = time.monotonic() + 60
+    while ("Warning", "DeletionWaits") not in bed.events("holding"):
+        assert time.monotonic() < deadline, bed.events("holding")
+        time.sleep(0.5)
+    held = bed.cluster.get("saga", "holding", bed.namespace)  # still there: it holds stock
+    assert held["metadata"].get("deletionTimestamp") and held["metadata"]["finalizers"]
+    assert "compensation of step reserve failed" in held["status"]["message"]
+    # Fixed, redriven: the compensation runs, then the saga goes.
+    bed.services["inventory"].behave()
+    bed.cluster.kubectl(
+        "annotate", "saga", "holding", "-n", bed.namespace, "accord.dev/redrive=fixed"
+    )
+    bed.cluster.kubectl(
+        "wait", "--for=delete", "saga/holding", "-n", bed.namespace, "--timeout=90s"
+    )
+    assert bed.calls("inventory") == ["reserve", "release", "release"]
+
+
+def test_a_saga_that_holds_something_is_deleted_when_told_to_skip(bed: SagaBed) -> None:
+    bed.services["inventory"].behave({"path": "/release", "status": 422})
+    bed.services["payment"].behave({"path": "/charge", "status": 402})
+    bed.apply(bed.saga("abandon", ORDER))
+    bed.wait("abandon", "Failed")
+    bed.cluster.kubectl("delete", "saga", "abandon", "-n", bed.namespace, "--wait=false")
+    bed.cluster.kubectl(
+        "annotate", "saga", "abandon", "-n", bed.namespace, "accord.dev/skip-compensation=true"
+    )
+    bed.cluster.kubectl(
+        "wait", "--for=delete", "saga/abandon", "-n", bed.namespace, "--timeout=90s"
+    )
 
 
 def test_a_finished_saga_keeps_no_finalizer(bed: SagaBed) -> None:
@@ -371,6 +475,27 @@ def test_saga_metrics(bed: SagaBed) -> None:
     assert bed.operator.metric("accord_sagas_total", outcome="Succeeded") == 1
     assert bed.operator.metric("accord_saga_step_retries_total", kind="action") == 1
     assert bed.operator.metric("accord_saga_step_duration_seconds_count", kind="action") == 3
+    assert bed.operator.metric("accord_sagas", phase="Succeeded") == 1  # by phase, now
+    assert bed.operator.metric("accord_phase_transitions_total", kind="SagaWorkflow",
+                               phase="Succeeded") == 1  # fmt: skip
+
+
+def test_a_redriven_saga_is_counted_once_and_compensated_shows_nothing_done(bed: SagaBed) -> None:
+    bed.services["inventory"].behave({"path": "/release", "status": 422})
+    bed.services["payment"].behave({"path": "/charge", "status": 402})
+    bed.apply(bed.saga("once", ORDER))
+    bed.wait("once", "Failed")
+    bed.services["inventory"].behave()
+    bed.cluster.kubectl("annotate", "saga", "once", "-n", bed.namespace, "accord.dev/redrive=1")
+    status = bed.wait("once", "Compensated")["status"]
+    assert status["progress"] == "0/3"
+    assert status["cause"] == 'step charge failed: HTTP 402: {"error": "told to fail"}'
+    assert bed.operator is not None
+    assert bed.operator.metric("accord_sagas_total", outcome="Failed") == 1
+    assert bed.operator.metric("accord_sagas_total", outcome="Compensated") == 0
+    assert bed.operator.metric("accord_sagas", phase="Compensated") == 1
+    log = bed.operator.log.read_text()
+    assert "saga " + bed.namespace + "/once: Failed: compensation of step reserve failed" in log
 
 
 async def test_a_status_write_from_a_stale_view_is_refused_not_applied(

@@ -104,6 +104,7 @@ class Sim:
         self._crash = False
         self._round_of: object = None
         self._driver: Driver[Call, Outcome] | None = None
+        self._ev = asyncio.new_event_loop()  # one loop: calls may stay in flight across ticks
         self._machine = SagaMachine(rng=lambda: 0.5)
 
     @property
@@ -155,7 +156,7 @@ class Sim:
         the next round is a new loop, started from the store."""
         self._crash = crash
         try:
-            turn = asyncio.run(self._loop(**kw).round())
+            turn = self._ev.run_until_complete(self._loop(**kw).round())
         except Crash:
             self._driver = None
             return []
@@ -166,7 +167,7 @@ class Sim:
         return turn.calls
 
     def run(self, **kw: Any) -> dict[str, Any]:
-        status = asyncio.run(self._loop(**kw).run(watch_finished=False))
+        status = self._ev.run_until_complete(self._loop(**kw).run(watch_finished=False))
         assert status.get("phase") in ("Succeeded", "Compensated", "Failed"), status
         assert self.store.obj["status"] == status, "the loop returned before storing"
         return status
@@ -371,6 +372,76 @@ def test_compensation_failing_for_good_stops_in_failed_and_redrive_finishes_it()
     assert sim.trace()[-2:] == ["b:compensation", "a:compensation"]
 
 
+def test_a_redrive_after_a_refusal_sends_a_new_key_after_no_answer_the_same() -> None:
+    spec = {"steps": [step("reserve"), step("charge", compensable=False), step("ship")]}
+    spec["steps"][1].pop("compensation")
+    answers = iter(["refuse", "ok"])
+
+    def behave(call: Call) -> Outcome:
+        if call.step != "ship":
+            return ok(call)
+        if next(answers) == "refuse":
+            return Outcome(call.step, call.kind, ok=False, error="HTTP 400 bad address")
+        return Outcome(call.step, call.kind, ok=True, replayed=True)
+
+    sim = Sim(spec, behave)
+    assert sim.run()["phase"] == "Failed"
+    assert sim.status["steps"][2]["refused"] is True
+    assert sim.run(redrive="fixed")["phase"] == "Succeeded"
+    first, again = [c.key for c in sim.calls if c.step == "ship"]
+    assert (first, again) == (f"{UID}/ship/action", f"{UID}/ship/action/r1")
+    ship = sim.status["steps"][2]
+    assert ship["keyGeneration"] == 1 and ship["replayed"] is True and "refused" not in ship
+
+    # A compensation that got no answer (it may have happened) keeps its key on a redrive.
+    state = {"down": True}
+
+    def flaky_undo(call: Call) -> Outcome:
+        if call.step == "a" and call.kind == "compensation" and state["down"]:
+            return Outcome(call.step, call.kind, ok=False, retryable=True, unknown=True)
+        if call.step == "b":
+            return Outcome(call.step, call.kind, ok=False, error="HTTP 402")
+        return ok(call)
+
+    sim = Sim({"steps": [step("a"), step("b")]}, flaky_undo)
+    assert sim.run()["phase"] == "Failed"
+    state["down"] = False
+    assert sim.run(redrive="1")["phase"] == "Compensated"
+    assert {c.key for c in sim.calls if c.kind == "compensation"} == {f"{UID}/a/compensation"}
+
+
+def test_the_first_cause_survives_a_redrive_and_the_saga_is_counted_once() -> None:
+    state = {"broken": True}
+
+    def behave(call: Call) -> Outcome:
+        if call.step == "a" and call.kind == "compensation" and state["broken"]:
+            return Outcome(call.step, call.kind, ok=False, error="HTTP 422 ledger locked")
+        if call.step == "b":
+            return Outcome(call.step, call.kind, ok=False, error="HTTP 402 declined")
+        return ok(call)
+
+    sim = Sim({"steps": [step("a"), step("b")]}, behave)
+    assert sim.run()["phase"] == "Failed"
+    assert sim.status["cause"] == "step b failed: HTTP 402 declined"
+    state["broken"] = False
+    status = sim.run(redrive="t-1")
+    assert status["phase"] == "Compensated"
+    assert status["cause"] == "step b failed: HTTP 402 declined"
+    assert "first cause: step b failed: HTTP 402 declined" in status["message"]
+    assert [c for c in sim.counts if c[0] == "finished"] == [("finished", ("Failed",))]
+    assert status["progress"] == "0/2"  # nothing is in effect once compensated
+
+
+def test_a_call_never_outlives_the_saga_deadline() -> None:
+    spec = {"timeoutSeconds": 10, "steps": [step("a", timeoutSeconds=60), step("b")]}
+    d = decide(spec, {}, uid=UID, now=1000.0)
+    assert d.calls[0].timeout_s == 10  # the saga's deadline comes first
+    later = decide(spec, d.status, uid=UID, now=1007.5)  # a restart resends it
+    assert later.calls[0].timeout_s == pytest.approx(2.5)
+    alone = decide({"steps": [step("a", timeoutSeconds=60)]}, {}, uid=UID, now=1000.0)
+    assert alone.calls[0].timeout_s == 60
+
+
 def test_saga_timeout_is_a_failure() -> None:
     spec = {
         "timeoutSeconds": 10,
@@ -396,7 +467,10 @@ def test_the_machine_counts_what_happened() -> None:
     sim = Sim(ORDER, flaky({("charge", "action"): 99}))
     sim.run()
     assert sorted(sim.counts) == sorted(
-        [("retry", ("action",))] * 2 + [("compensated", ())] + [("finished", ("Compensated",))]
+        [("retry", ("action",))] * 2
+        + [("compensated", ())]
+        + [("phase", (p,)) for p in ("Running", "Compensating", "Compensated")]
+        + [("finished", ("Compensated",))]
     )
 
 
@@ -548,3 +622,47 @@ def test_only_finished_sagas_with_a_ttl_expire() -> None:
     assert expires_at({}, done) is None  # no TTL: kept
     assert expires_at({"ttlSecondsAfterFinished": 0}, {**done, "phase": "Failed"}) is None
     assert expires_at({"ttlSecondsAfterFinished": 0}, {"phase": "Running"}) is None
+
+
+def test_a_slow_branch_does_not_hold_up_an_independent_one() -> None:
+    """The slow call only answers once the step after the fast branch has been called: a
+    driver that waited for a whole round would never get there."""
+    spec = {
+        "steps": [
+            step("slow", dependsOn=[]),
+            step("fast", dependsOn=[]),
+            step("after-fast", dependsOn=["fast"]),
+        ]
+    }
+    store = MemoryStore(spec)
+    started: list[str] = []
+    stored_when_called: list[bool] = []
+    after_fast_called = asyncio.Event()
+
+    async def act(call: Call, obj: dict[str, Any], status: dict[str, Any]) -> Outcome:
+        started.append(call.step)
+        if call.step == "after-fast":
+            after_fast_called.set()
+        # Written ahead: the store already says this call is in flight.
+        (mine,) = [s for s in store.obj["status"]["steps"] if s["name"] == call.step]
+        stored_when_called.append(mine.get("inFlight") == call.kind)
+        if call.step == "slow":
+            await after_fast_called.wait()
+        return ok(call)
+
+    class World:
+        def now(self) -> float:
+            return 1_000_000.0
+
+        async def wait(self, seconds: float) -> bool:
+            await asyncio.sleep(0)
+            return False
+
+        def tell(self, obj: dict[str, Any], decision: Decision[Any]) -> None:
+            pass
+
+    driver: Driver[Call, Outcome] = Driver(SagaMachine(), store, act, World())
+    status = asyncio.run(asyncio.wait_for(driver.run(watch_finished=False), 10))
+    assert status["phase"] == "Succeeded"
+    assert started == ["slow", "fast", "after-fast"]
+    assert all(stored_when_called)

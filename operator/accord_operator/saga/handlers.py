@@ -9,6 +9,7 @@ from typing import Any
 
 import kopf
 
+from accord_operator import metrics
 from accord_operator.resources import GROUP, SAGA, VERSION
 from accord_operator.saga import admission
 from accord_operator.saga.machine import expires_at, needs_controller
@@ -39,6 +40,9 @@ def register_webhooks(registry: kopf.OperatorRegistry) -> None:
             raise kopf.AdmissionError(admission.refusal(steps, userinfo, namespace or ""), code=403)
 
 
+DELETE_RETRY_S = 15  # a saga whose compensation failed: how often its deletion looks again
+
+
 def _unfinished(status: kopf.Status, **_: Any) -> bool:
     return needs_controller(status)
 
@@ -55,6 +59,15 @@ def register(registry: kopf.OperatorRegistry) -> None:
         spec: kopf.Spec, status: kopf.Status, namespace: str, name: str, uid: str, **_: Any
     ) -> dict[tuple[str, str], tuple[str, float]]:
         return {(namespace, name): (uid, expires_at(spec, status) or 0.0)}
+
+    # Every saga by phase: the accord_sagas gauge, counted from the watch on each scrape.
+    @kopf.index(GROUP, VERSION, SAGA.plural, id="saga_phases", registry=registry)
+    def saga_phases(status: kopf.Status, **_: Any) -> dict[str, None]:
+        return {str(status.get("phase") or "Pending"): None}
+
+    @kopf.on.startup(registry=registry)
+    def saga_phase_gauge(saga_phases: kopf.Index[Any, Any], **_: Any) -> None:
+        metrics.SAGAS_BY_PHASE.source = lambda: {p: len(s) for p, s in saga_phases.items()}
 
     @kopf.on.startup(registry=registry)
     async def saga_sweeper_start(
@@ -107,5 +120,15 @@ def register(registry: kopf.OperatorRegistry) -> None:
         if skip_compensation(body):
             logger.info("deleted with accord.dev/skip-compensation: not compensating")
             return
-        phase = await memo.sagas.drive(body.metadata.namespace, body.metadata.name, deleting=True)
-        logger.info("saga deleted after reaching %s", phase)
+        status = await memo.sagas.drive(body.metadata.namespace, body.metadata.name, deleting=True)
+        if status.get("phase") == "Failed":
+            # A compensation failed for good: something is still held. Deleting the saga now
+            # would leave it held with nothing to redrive, so the finalizer stays.
+            why = (
+                f"deletion waits: {status.get('message', 'a compensation failed')}; or "
+                "annotate accord.dev/skip-compensation=true to delete it anyway, leaving what "
+                "it holds"
+            )
+            kopf.warn(body, reason="DeletionWaits", message=why)
+            raise kopf.TemporaryError(why, delay=DELETE_RETRY_S)
+        logger.info("saga deleted after reaching %s", status.get("phase"))

@@ -46,7 +46,8 @@ TERMINAL = ("Succeeded", "Compensated", "Failed")
 # What a decision counts (metric increments), with their labels.
 RETRY = "retry"  # (action|compensation): an attempt failed and another is scheduled
 COMPENSATED = "compensated"  # (): a step was undone
-FINISHED_AS = "finished"  # (phase): the saga reached a terminal phase
+FINISHED_AS = "finished"  # (phase): the saga first reached a terminal phase
+PHASE = "phase"  # (phase): the saga entered a phase
 # Finished for good: nothing held, nothing to redrive, nothing to compensate on delete. Such
 # a saga needs no controller any more (and no finalizer: deleting it never hangs). A Failed
 # saga still holds what its compensation could not release.
@@ -70,6 +71,8 @@ def expires_at(spec: Spec, status: Mapping[str, Any] | None) -> float | None:
 OUTPUT_LIMIT = 16 * 1024
 ERROR_LIMIT = 4000
 COMPLETED = ("Succeeded", "Compensating", "Compensated", "CompensationFailed")
+# Steps whose action is in effect now (progress counts these: a compensated saga has none).
+IN_EFFECT = ("Succeeded", "Compensating", "CompensationFailed")
 # Each condition and the phases in which it is True, as kstatus reads them: Ready on
 # success; Reconciling (abnormal-true) while work is under way; Stalled (abnormal-true) once
 # it ended without success, so `kubectl wait --for=condition=Ready` succeeds on success and
@@ -99,6 +102,7 @@ class Outcome:
     error: str = ""
     output: Any = None
     unknown: bool = False  # the request may have reached the participant
+    replayed: bool = False  # the participant's sidecar answered from its store (Accord-Replayed)
 
 
 Decision = decision.Decision[Call]
@@ -118,8 +122,12 @@ def epoch(s: str) -> float:
 # -- the spec, read with its defaults ----------------------------------------------------------
 
 
-def idempotency_key(uid: str, step: str, kind: Kind) -> str:
-    return f"{uid}/{step}/{kind}"
+def idempotency_key(uid: str, step: str, kind: Kind, generation: int = 0) -> str:
+    """Stable across retries and restarts. A redrive after a definitive refusal starts a new
+    generation: the refusal proved nothing happened, and a deduplicating participant would
+    otherwise replay its stored refusal."""
+    base = f"{uid}/{step}/{kind}"
+    return f"{base}/r{generation}" if generation else base
 
 
 def dependencies(spec: Spec) -> dict[str, list[str]]:
@@ -169,7 +177,13 @@ def _pivot_done(spec: Spec, steps: dict[str, dict[str, Any]]) -> bool:
 
 
 def _start_attempt(
-    st: dict[str, Any], kind: Kind, now: float, uid: str, spec_step: Mapping[str, Any], resend: bool
+    st: dict[str, Any],
+    kind: Kind,
+    now: float,
+    uid: str,
+    spec_step: Mapping[str, Any],
+    resend: bool,
+    deadline: float | None = None,
 ) -> Call:
     counter = "attempts" if kind == "action" else "compensationAttempts"
     if not resend:
@@ -180,19 +194,33 @@ def _start_attempt(
         st["name"],
         kind,
         st[counter],
-        idempotency_key(uid, st["name"], kind),
-        float(spec_step.get("timeoutSeconds", 30)),
+        idempotency_key(uid, st["name"], kind, int(st.get("keyGeneration", 0))),
+        _timeout(spec_step, now, deadline),
     )
 
 
+def _timeout(spec_step: Mapping[str, Any], now: float, deadline: float | None) -> float:
+    """A call's deadline: the step's timeout, or the saga's deadline if that comes first."""
+    step_timeout = float(spec_step.get("timeoutSeconds", 30))
+    if deadline is None:
+        return step_timeout
+    return max(0.05, min(step_timeout, deadline - now))
+
+
 def _continue(
-    s: dict[str, Any], kind: Kind, spec_step: Mapping[str, Any], uid: str, now: float, d: Decision
+    s: dict[str, Any],
+    kind: Kind,
+    spec_step: Mapping[str, Any],
+    uid: str,
+    now: float,
+    d: Decision,
+    deadline: float | None = None,
 ) -> None:
     """A step already under way: re-send an attempt in flight, start a due retry, or wait."""
     if s.get("inFlight"):
-        d.calls.append(_start_attempt(s, kind, now, uid, spec_step, resend=True))
+        d.calls.append(_start_attempt(s, kind, now, uid, spec_step, True, deadline))
     elif epoch(s["nextAttemptAt"]) <= now:
-        d.calls.append(_start_attempt(s, kind, now, uid, spec_step, resend=False))
+        d.calls.append(_start_attempt(s, kind, now, uid, spec_step, False, deadline))
     else:
         d.wake_at = min(d.wake_at or float("inf"), epoch(s["nextAttemptAt"]))
 
@@ -228,9 +256,12 @@ def decide(
     if phase in TERMINAL:
         return _finish(d, spec, generation, now, was)
 
+    deadline = None
     if phase == "Running":
         timeout = spec.get("timeoutSeconds")
         pivot_done = _pivot_done(spec, steps)
+        if timeout and not pivot_done:
+            deadline = epoch(st["startedAt"]) + float(timeout)
         if not pivot_done and timeout and now >= epoch(st["startedAt"]) + float(timeout):
             _abort(st, f"saga timed out after {timeout}s", d)
         elif not pivot_done and deleting:
@@ -239,7 +270,7 @@ def decide(
             d.wake_at = epoch(st["startedAt"]) + float(timeout)
 
     if st["phase"] == "Running":
-        _run(spec, st, by_name, steps, uid, now, d)
+        _run(spec, st, by_name, steps, uid, now, d, deadline)
     if st["phase"] == "Compensating":
         _compensate(spec, st, by_name, steps, uid, now, d)
     return _finish(d, spec, generation, now, was)
@@ -264,6 +295,7 @@ def _run(
     uid: str,
     now: float,
     d: Decision,
+    deadline: float | None = None,
 ) -> None:
     deps = dependencies(spec)
     failed = [s for s in st["steps"] if s["phase"] == "Failed"]
@@ -288,18 +320,19 @@ def _run(
                 else ""
             )
             st.update(phase="Compensating", message=why)
+            st.setdefault("cause", why)
             d.events.append(("Warning", "Compensating", why))
         return
 
     for spec_step in spec["steps"]:
         s = steps[spec_step["name"]]
         if s["phase"] == "Running":
-            _continue(s, "action", spec_step, uid, now, d)
+            _continue(s, "action", spec_step, uid, now, d, deadline)
         elif s["phase"] == "Pending" and all(
             steps[x]["phase"] == "Succeeded" for x in deps[s["name"]]
         ):
             s.update(phase="Running", startedAt=iso(now))
-            d.calls.append(_start_attempt(s, "action", now, uid, spec_step, resend=False))
+            d.calls.append(_start_attempt(s, "action", now, uid, spec_step, False, deadline))
 
     if all(s["phase"] == "Succeeded" for s in st["steps"]):
         st.update(phase="Succeeded", finishedAt=iso(now), message="all steps succeeded")
@@ -369,10 +402,20 @@ def _redrive(st: Status, spec: Spec, token: str, d: Decision) -> str:
         elif s["phase"] == "Failed" and st.get("forwardFailure") == s["name"]:
             s.update(phase="Running", attempts=0, nextAttemptAt=iso(0))
             resumed = "Running"
+        else:
+            continue
+        if s.pop("refused", False):
+            # The participant said no for good, so nothing happened: send it again as a new
+            # request, not as a repeat it would answer from its stored refusal.
+            s["keyGeneration"] = int(s.get("keyGeneration", 0)) + 1
     if resumed != "Failed":
         st.pop("forwardFailure", None)
         st.pop("finishedAt", None)
-        st.update(phase=resumed, message=f"redriven ({token})")
+        cause = st.get("cause")
+        st.update(
+            phase=resumed,
+            message=f"redriven ({token})" + (f"; first cause: {cause}" if cause else ""),
+        )
         d.events.append(("Normal", "Redriven", f"resumed in phase {resumed}"))
     return resumed
 
@@ -395,6 +438,15 @@ def record(
     s = _steps(st)[outcome.step]
     spec_step = next(x for x in spec["steps"] if x["name"] == outcome.step)
     s.pop("inFlight", None)
+    # What the participant's last answer was: replayed from its store, a definitive refusal.
+    if outcome.replayed:
+        s["replayed"] = True
+    else:
+        s.pop("replayed", None)
+    if not outcome.ok and not outcome.retryable and not outcome.unknown:
+        s["refused"] = True
+    else:
+        s.pop("refused", None)
     if outcome.kind == "action":
         _record_action(spec, st, s, spec_step, outcome, now, rng, d)
     else:
@@ -447,6 +499,7 @@ def _record_action(
             message=f"step {s['name']} after the pivot was refused: {s['lastError']}; "
             "fix it and annotate accord.dev/redrive",
         )
+        st.setdefault("cause", f"step {s['name']} after the pivot was refused: {s['lastError']}")
         d.events.append(("Warning", "Failed", st["message"]))
 
 
@@ -475,6 +528,7 @@ def _record_compensation(
         message=f"compensation of step {s['name']} failed: {s['lastError']}; "
         "fix it and annotate accord.dev/redrive",
     )
+    st.setdefault("cause", f"compensation of step {s['name']} failed: {s['lastError']}")
     d.events.append(("Warning", "Failed", st["message"]))
 
 
@@ -492,10 +546,13 @@ def bounded_output(output: Any) -> Any:
 
 def _finish(d: Decision, spec: Spec, generation: int, now: float, was: str) -> Decision:
     st = d.status
-    if st.get("phase") in TERMINAL and st.get("phase") != was:
-        d.counts.append((FINISHED_AS, (st["phase"],)))
+    if st.get("phase", "Pending") != was:
+        d.counts.append((PHASE, (st["phase"],)))
+        # Once per saga: a redriven saga was counted when it first stopped.
+        if st["phase"] in TERMINAL and not st.get("lastRedrive"):
+            d.counts.append((FINISHED_AS, (st["phase"],)))
     steps = st.get("steps", [])
-    done = sum(s["phase"] in COMPLETED for s in steps)
+    done = sum(s["phase"] in IN_EFFECT for s in steps)
     st["progress"] = f"{done}/{len(spec['steps'])}"
     current = next((s["name"] for s in steps if s["phase"] in ("Running", "Compensating")), None)
     if current:
@@ -553,3 +610,6 @@ class SagaMachine:
 
     def finished(self, status: Mapping[str, Any]) -> bool:
         return status.get("phase") in TERMINAL
+
+    def slot(self, call: Call) -> tuple[str, str]:
+        return (call.step, call.kind)

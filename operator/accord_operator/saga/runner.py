@@ -21,6 +21,7 @@ from accord_operator.resources import GROUP, SAGA, VERSION
 from accord_operator.saga.machine import (
     COMPENSATED,
     FINISHED_AS,
+    PHASE,
     RETRY,
     Call,
     Outcome,
@@ -55,8 +56,8 @@ class SagaDriver:
         deleting: bool = False,
         wait: Callable[[float], Awaitable[bool]] | None = None,
         annotations: Callable[[], Mapping[str, str]] | None = None,
-    ) -> str:
-        """Run the saga until it is terminal (returns its phase) or `wait` says stop.
+    ) -> dict[str, Any]:
+        """Run the saga until it is terminal (returns its status) or `wait` says stop.
 
         `wait(seconds)` sleeps and returns True when the caller wants us to stop
         (kopf's daemon flag); without it the drive runs to a terminal phase.
@@ -69,8 +70,7 @@ class SagaDriver:
             loop: Driver[Call, Outcome] = Driver(
                 SagaMachine(deleting=deleting), store, self._act, SagaWorld(wait)
             )
-            status = await loop.run(watch_finished=wait is not None and not deleting)
-            return str(status.get("phase"))
+            return await loop.run(watch_finished=wait is not None and not deleting)
 
     async def _act(self, call: Call, saga: dict[str, Any], status: dict[str, Any]) -> Outcome:
         started = time.perf_counter()
@@ -96,16 +96,21 @@ class SagaWorld:
         return await self._wait(seconds)
 
     def tell(self, obj: dict[str, Any], decision: Decision[Any]) -> None:
+        meta = obj["metadata"]
         for kind, reason, message in decision.events:
             kopf.event(obj, type=kind, reason=reason, message=message)
+            log = logger.warning if kind == "Warning" else logger.info
+            log("saga %s/%s: %s: %s", meta["namespace"], meta["name"], reason, message)
         for what, labels in decision.counts:
             COUNTERS[what](*labels)
+        metrics.RECONCILES.labels(SAGA.kind, "ok").inc()
 
 
 COUNTERS: dict[str, Callable[..., None]] = {
     RETRY: lambda kind: metrics.SAGA_RETRIES.labels(kind).inc(),
     COMPENSATED: lambda: metrics.SAGA_COMPENSATIONS.inc(),
     FINISHED_AS: lambda phase: metrics.SAGAS.labels(phase).inc(),
+    PHASE: lambda phase: metrics.PHASE_TRANSITIONS.labels(SAGA.kind, phase).inc(),
 }
 
 

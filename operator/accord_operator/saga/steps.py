@@ -74,6 +74,7 @@ async def _http(
         error=answer.error,
         output=answer.body if answer.ok else None,
         unknown=answer.unknown,
+        replayed=answer.replayed,
     )
 
 
