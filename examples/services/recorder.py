@@ -35,6 +35,7 @@ class Recorder:
         self.rules: list[dict[str, Any]] = []
         self.seen: Counter[str] = Counter()
         self.answers: dict[str, tuple[int, Any]] = {}
+        self.active = 0  # calls being answered right now
 
     async def control(self, request: web.Request) -> web.Response:
         if request.method == "GET" and request.path == "/_calls":
@@ -61,6 +62,7 @@ class Recorder:
             "query": request.query_string,
             "headers": dict(request.headers),
             "body": body,
+            "concurrent": self.active,  # other calls in progress when this one arrived
         }
         self.calls.append(call)
         idem = request.headers.get("Accord-Idempotency-Key")
@@ -69,7 +71,11 @@ class Recorder:
             status, payload = self.answers[idem]
             call["status"] = status
             return web.json_response(payload, status=status, headers={"Accord-Replayed": "true"})
-        response = await self._answer(request, body)
+        self.active += 1
+        try:
+            response = await self._answer(request, body)
+        finally:
+            self.active -= 1
         call["status"] = response.status
         if idem and response.status < 500 and response.status not in (408, 409, 429):
             assert isinstance(response.body, bytes)

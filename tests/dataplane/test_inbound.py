@@ -119,6 +119,56 @@ def test_dedup_table_survives_a_sidecar_restart(spawn: Callable[..., Any], tmp_p
     assert len(app.calls("/reserve")) == 1
 
 
+def test_a_late_action_after_its_compensation_never_reaches_the_app(
+    spawn: Callable[..., Any], tmp_path: Path
+) -> None:
+    """The anti-suspension fence: the operator gave up on an action (timeout), compensated
+    (nothing to undo yet), and then the action arrives. It must not land after the undo."""
+    app: Recorder = spawn(Recorder, "payment-app")
+    sidecar = _sidecar(spawn, app, ACCORD_DATA_DIR=str(tmp_path / "data"))
+    undo = {**AUTH, "Accord-Idempotency-Key": "uid-7/charge/compensation"}
+    late = {**AUTH, "Accord-Idempotency-Key": "uid-7/charge/action"}
+    assert request("POST", f"{sidecar.inbound}/refund", {}, headers=undo)[0] == 200
+    status, body, _ = request("POST", f"{sidecar.inbound}/charge", {}, headers=late)
+    assert status == 410 and body["error"]["code"] == "compensated"
+    assert app.calls("/charge") == []  # never passed to the app
+    assert sidecar.metric("accord_sidecar_fenced_total") == 1
+    # The fence is durable: a SIGKILLed sidecar still refuses it after its restart.
+    sidecar.kill()
+    sidecar.start()
+    assert request("POST", f"{sidecar.inbound}/charge", {}, headers=late)[0] == 410
+    assert app.calls("/charge") == []
+    # Other steps, and a redriven generation of the same step, are not fenced.
+    other = {**AUTH, "Accord-Idempotency-Key": "uid-7/ship/action"}
+    redriven = {**AUTH, "Accord-Idempotency-Key": "uid-7/charge/action/r1"}
+    assert request("POST", f"{sidecar.inbound}/ship", {}, headers=other)[0] == 200
+    assert request("POST", f"{sidecar.inbound}/charge", {}, headers=redriven)[0] == 200
+
+
+def test_a_compensation_waits_for_its_action_still_at_the_app(
+    spawn: Callable[..., Any],
+) -> None:
+    app: Recorder = spawn(Recorder, "payment-app")
+    app.behave({"path": "/charge", "delayMs": 1500})
+    sidecar = _sidecar(spawn, app)
+    action = {**AUTH, "Accord-Idempotency-Key": "uid-8/charge/action"}
+    undo = {**AUTH, "Accord-Idempotency-Key": "uid-8/charge/compensation"}
+    charged: list[Any] = []
+    t = threading.Thread(
+        target=lambda: charged.append(
+            request("POST", f"{sidecar.inbound}/charge", {}, headers=action)
+        )
+    )
+    t.start()
+    while not app.calls("/charge"):  # the action is at the app
+        threading.Event().wait(0.02)
+    assert request("POST", f"{sidecar.inbound}/refund", {}, headers=undo)[0] == 200
+    t.join()
+    assert charged[0][0] == 200
+    (refund,) = app.calls("/refund")
+    assert refund["concurrent"] == 0  # it reached the app only after the charge had finished
+
+
 def _token_review_sidecar(
     spawn: Callable[..., Any], cluster: Cluster, **env: str
 ) -> tuple[Recorder, Sidecar]:

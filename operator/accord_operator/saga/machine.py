@@ -35,7 +35,7 @@ from typing import Any, Literal
 from accord_operator import decision
 from accord_operator.conditions import Condition, set_condition
 from accord_operator.kinds import SagaSpec
-from accord_wire import REDRIVE
+from accord_wire import REDRIVE, saga_key
 
 Kind = Literal["action", "compensation"]
 Status = dict[str, Any]
@@ -125,9 +125,9 @@ def epoch(s: str) -> float:
 def idempotency_key(uid: str, step: str, kind: Kind, generation: int = 0) -> str:
     """Stable across retries and restarts. A redrive after a definitive refusal starts a new
     generation: the refusal proved nothing happened, and a deduplicating participant would
-    otherwise replay its stored refusal."""
-    base = f"{uid}/{step}/{kind}"
-    return f"{base}/r{generation}" if generation else base
+    otherwise replay its stored refusal. (The format is the wire's: the participant's
+    sidecar pairs an action with its compensation by it.)"""
+    return saga_key(uid, step, kind, generation)
 
 
 def dependencies(spec: Spec) -> dict[str, list[str]]:

@@ -99,6 +99,9 @@ class Config:
     data_dir: str = ""
     dedup_max_entries: int = 10_000
     dedup_ttl_s: int = 3600
+    # The saga fence: how long a compensation keeps fencing off its late action.
+    journal_retention_s: int = 7 * 86400
+    journal_max_entries: int = 100_000
     shared_token: str = ""
     allowed_service_accounts: tuple[str, ...] = ()
     kube_api_url: str = ""
@@ -172,6 +175,8 @@ class Config:
             data_dir=env.get("ACCORD_DATA_DIR", ""),
             dedup_max_entries=_int(env, "ACCORD_DEDUP_MAX_ENTRIES", 10_000, 1, 10_000_000),
             dedup_ttl_s=_int(env, "ACCORD_DEDUP_TTL_S", 3600, 1, 30 * 86400),
+            journal_retention_s=_int(env, "ACCORD_JOURNAL_RETENTION_S", 7 * 86400, 60, 365 * 86400),
+            journal_max_entries=_int(env, "ACCORD_JOURNAL_MAX_ENTRIES", 100_000, 1, 10_000_000),
             shared_token=env.get("ACCORD_SHARED_TOKEN", ""),
             allowed_service_accounts=allowed,
             kube_api_url=env.get(

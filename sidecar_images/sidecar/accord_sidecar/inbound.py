@@ -4,6 +4,7 @@ forward to the app."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import aiohttp
@@ -16,20 +17,32 @@ from accord_sidecar.config import Config
 from accord_sidecar.dedup import DedupTable, Stored
 from accord_sidecar.errors import error, read_body
 from accord_sidecar.invoke import forward_headers
+from accord_sidecar.journal import Journal
 
 IDEMPOTENCY_KEY = wire.IDEMPOTENCY_KEY
+log = logging.getLogger("accord.sidecar.inbound")
 MAX_KEY_LENGTH = 512
+
+
+COMPENSATED = "compensation"  # the journal's state for a pair whose compensation was asked
 
 
 class Inbound:
     def __init__(
-        self, config: Config, session: aiohttp.ClientSession, auth: Authenticator, dedup: DedupTable
+        self,
+        config: Config,
+        session: aiohttp.ClientSession,
+        auth: Authenticator,
+        dedup: DedupTable,
+        journal: Journal | None = None,
     ) -> None:
         self.config = config
         self.session = session
         self.auth = auth
         self.dedup = dedup
+        self.journal = journal if journal is not None else Journal(None, 7 * 86400, 100_000)
         self._in_flight: dict[str, asyncio.Future[Stored | None]] = {}
+        self._actions: dict[str, asyncio.Future[None]] = {}  # saga actions at the app, by pair
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
@@ -63,14 +76,25 @@ class Inbound:
         stored = self.dedup.get(key)
         if stored is not None:
             return self._respond(stored, replayed=True), "replayed"
+        saga = wire.saga_key_pair(key)
+        if saga is not None and saga[1] == COMPENSATED:
+            await self._compensation_first(saga[0])
         waiting = self._in_flight.get(key)
         if waiting is not None:
             # A concurrent duplicate waits for the first call and gets its answer.
             first = await asyncio.shield(waiting)
             if first is not None:
                 return self._respond(first, replayed=True), "replayed"
+        # Last before the app, with no await until the action is registered below.
+        if saga is not None and saga[1] != COMPENSATED and self.journal.get(saga[0]) == COMPENSATED:
+            return self._fenced(key, saga[0]), "fenced"
         future: asyncio.Future[Stored | None] = asyncio.get_running_loop().create_future()
         self._in_flight[key] = future
+        # A saga action at the app: a compensation of the same step waits for it to finish.
+        action: asyncio.Future[None] | None = None
+        if saga is not None and saga[1] == "action" and saga[0] not in self._actions:
+            action = asyncio.get_running_loop().create_future()
+            self._actions[saga[0]] = action
         result: Stored | None = None
         try:
             result = await self._forward(request, body)
@@ -79,8 +103,34 @@ class Inbound:
                 self.dedup.put(key, result)
             return self._respond(result), "forwarded"
         finally:
+            if action is not None and saga is not None:
+                self._actions.pop(saga[0], None)
+                action.set_result(None)
             self._in_flight.pop(key, None)
             future.set_result(result if result is not None and final(result.status) else None)
+
+    async def _compensation_first(self, pair: str) -> None:
+        """The saga fence, compensation side: journaled (durably) before the app sees it, so
+        any later action of the same step is refused; and it waits for an action of that
+        step still at the app, so it undoes what that action did."""
+        if self.journal.get(pair) != COMPENSATED:
+            self.journal.record(pair, COMPENSATED)
+        action = self._actions.get(pair)
+        if action is not None:
+            await asyncio.shield(action)
+
+    def _fenced(self, key: str, pair: str) -> web.Response:
+        """The saga fence, action side: an action that arrives once its compensation was
+        asked never reaches the app. It would land after the undo and stay (the saga would
+        say Compensated while the effect is held)."""
+        metrics.FENCED.inc()
+        log.warning("fenced: action %s came after its compensation; not passed to the app", key)
+        return error(
+            410,
+            "compensated",
+            f"the compensation for {pair} has already been asked for; this late action is "
+            "refused and was not passed to the app",
+        )
 
     async def _forward(self, request: web.Request, body: bytes) -> Stored:
         headers = forward_headers(request.headers)

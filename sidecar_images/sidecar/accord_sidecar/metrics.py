@@ -50,6 +50,12 @@ BREAKER_REJECTED = Counter(
     ["target"],
     registry=REGISTRY,
 )
+FENCED = Counter(
+    "accord_sidecar_fenced_total",
+    "Saga actions refused because their compensation had already been asked for (late "
+    "actions that never reached the app).",
+    registry=REGISTRY,
+)
 INBOUND_REQUESTS = Counter(
     "accord_sidecar_inbound_requests_total",
     "Inbound calls, by status and outcome.",

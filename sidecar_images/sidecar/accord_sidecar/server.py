@@ -20,6 +20,7 @@ from accord_sidecar.dedup import DedupTable
 from accord_sidecar.errors import error, never_crash
 from accord_sidecar.inbound import Inbound
 from accord_sidecar.invoke import Invoker
+from accord_sidecar.journal import Journal
 from accord_sidecar.pubsub import Publisher, Subscriber
 
 logger = logging.getLogger("accord.sidecar")
@@ -108,10 +109,15 @@ class Sidecar:
         if dedup_path is not None:
             dedup_path.parent.mkdir(parents=True, exist_ok=True)
         dedup = DedupTable(c.dedup_max_entries, c.dedup_ttl_s, dedup_path)
+        journal = Journal(
+            Path(c.data_dir) / "journal.jsonl" if c.data_dir else None,
+            c.journal_retention_s,
+            c.journal_max_entries,
+        )
         if self.broker is not None:
             await self.broker.connect()
         invoker = Invoker(c, self.session)
-        inbound = Inbound(c, self.session, Authenticator(c, self.session), dedup)
+        inbound = Inbound(c, self.session, Authenticator(c, self.session), dedup, journal)
         publisher = Publisher(c, self.broker)
         for name, app, host, port in (
             ("http", self._app_api(invoker, publisher), "127.0.0.1", c.http_port),

@@ -114,3 +114,28 @@ def check_targets(data: object, where: str) -> dict[str, dict[str, int]]:
             checked[key] = value
         out[str(service)] = checked
     return out
+
+
+# -- saga idempotency keys ---------------------------------------------------------------------
+
+SAGA_KINDS: Final = ("action", "compensation")
+
+
+def saga_key(uid: str, step: str, kind: str, generation: int = 0) -> str:
+    """<saga uid>/<step>/<action|compensation>, and /r<generation> after a redrive that
+    followed a definitive refusal (the refusal proved nothing happened: a new request)."""
+    base = f"{uid}/{step}/{kind}"
+    return f"{base}/r{generation}" if generation else base
+
+
+def saga_key_pair(key: str) -> tuple[str, str] | None:
+    """(pair, kind) of a saga key, where the action and the compensation of one step (and
+    one generation) share the pair; None for any other key."""
+    parts = key.split("/")
+    generation = ""
+    if len(parts) >= 4 and parts[-1][:1] == "r" and parts[-1][1:].isdigit():
+        generation = parts.pop()
+    if len(parts) < 3 or parts[-1] not in SAGA_KINDS:
+        return None
+    kind = parts.pop()
+    return "/".join([*parts, generation] if generation else parts), kind
