@@ -155,3 +155,24 @@ def test_dedup_file_survives_a_restart_and_a_torn_last_line(tmp_path: Path) -> N
     stored = again.get("k1")
     assert stored is not None and stored.status == 201 and stored.body == b'{"ok": 1}'
     assert again.get("k2") is None
+
+
+def test_the_journal_survives_a_restart_drops_old_entries_and_ignores_a_torn_line(
+    tmp_path: Path,
+) -> None:
+    from accord_sidecar.journal import Journal
+
+    now = [1000.0]
+    path = tmp_path / "journal.jsonl"
+    j = Journal(path, retention_s=100, max_entries=3, clock=lambda: now[0])
+    j.record("u/a", "compensation")
+    now[0] += 50
+    j.record("u/b", "compensation")
+    with open(path, "a") as f:
+        f.write('{"k": "u/c", "s": "compensat')  # SIGKILL in the middle of a write
+    now[0] += 60  # u/a is now 110 s old: past the retention
+    again = Journal(path, retention_s=100, max_entries=3, clock=lambda: now[0])
+    assert (again.get("u/a"), again.get("u/b"), again.get("u/c")) == (None, "compensation", None)
+    for k in ("x", "y", "z"):
+        again.record(k, "compensation")
+    assert len(again) == 3 and again.get("u/b") is None  # bounded: the oldest goes first
