@@ -5,7 +5,9 @@
 Each speaks the saga wire contract (POST JSON {"input", "outputs"}; 2xx = done, JSON body
 = the step's output) and deduplicates by Accord-Idempotency-Key, as participants must.
 Payment declines orders over 1,000.00 (amountCents > 100000) with a 402: a business
-refusal, which makes the saga compensate.
+refusal, which makes the saga compensate. `POST /_limit {"declineAboveCents": N}` (on the
+app's own port, so from inside the pod only) changes that limit, as an operator raising a
+customer's credit limit would.
 """
 
 from __future__ import annotations
@@ -21,12 +23,16 @@ DECLINE_ABOVE_CENTS = 100_000
 
 
 def answer(
-    role: str, path: str, body: dict[str, Any], ids: itertools.count[int]
+    role: str,
+    path: str,
+    body: dict[str, Any],
+    ids: itertools.count[int],
+    limit: int = DECLINE_ABOVE_CENTS,
 ) -> tuple[int, dict[str, Any]]:
     order = (body.get("input") or {}).get("orderId", "?")
     if role == "payment" and path == "/charge":
         amount = int((body.get("input") or {}).get("amountCents", 0))
-        if amount > DECLINE_ABOVE_CENTS:
+        if amount > limit:
             return 402, {
                 "error": f"card declined for order {order}: {amount / 100:.2f} is over the limit"
             }
@@ -55,8 +61,12 @@ def main() -> None:
     args = parser.parse_args()
     ids = itertools.count(1)
     done: dict[str, tuple[int, dict[str, Any]]] = {}
+    limit = {"declineAboveCents": DECLINE_ABOVE_CENTS}
 
     async def handle(request: web.Request) -> web.Response:
+        if request.path == "/_limit":
+            limit["declineAboveCents"] = int((await request.json())["declineAboveCents"])
+            return web.json_response(limit)
         key = request.headers.get("Accord-Idempotency-Key")
         if key and key in done:
             status, payload = done[key]
@@ -66,7 +76,11 @@ def main() -> None:
         except ValueError:
             return web.json_response({"error": "body is not JSON"}, status=400)
         status, payload = answer(
-            args.role, request.path, body if isinstance(body, dict) else {}, ids
+            args.role,
+            request.path,
+            body if isinstance(body, dict) else {},
+            ids,
+            limit["declineAboveCents"],
         )
         if key:
             done[key] = (status, payload)

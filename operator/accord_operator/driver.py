@@ -19,7 +19,7 @@ is told (Event, metric) that was not stored.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -165,14 +165,16 @@ class Driver(Generic[C, O]):
             task.cancel()
         self._flying.clear()
 
-    async def run(self, *, watch_finished: bool) -> Status:
-        """Loop until finished (stored and told), or, with `watch_finished`, until the
-        world says stop; a finished object is then re-read for what may wake it."""
+    async def run(self, *, watch_finished: bool | Callable[[Status], bool]) -> Status:
+        """Loop until finished (stored and told), or, for a finished status that
+        `watch_finished` says to watch, until the world says stop; such an object is
+        re-read now and then for what may wake it."""
+        watch = watch_finished if callable(watch_finished) else (lambda _: watch_finished)
         while True:
             turn = await self.round()
             if turn.wait == 0.0:
                 continue
-            if turn.wait is None and not watch_finished:
+            if turn.wait is None and not watch(self.status):
                 return self.status
             if await self.world.wait(min(IDLE_S if turn.wait is None else turn.wait, MAX_SLEEP_S)):
                 return self.status

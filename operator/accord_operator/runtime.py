@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import ctypes
 import enum
 import logging
 import shutil
@@ -23,7 +24,7 @@ from accord_operator.kubeapi import KubeApi
 from accord_operator.leader import Elector
 from accord_operator.participants import AudienceToken, Participants
 from accord_operator.projection import handlers as projection_handlers
-from accord_operator.resources import GROUP
+from accord_operator.resources import GROUP, SAGA
 from accord_operator.saga import handlers as saga_handlers
 from accord_operator.saga.runner import SagaDriver
 from accord_operator.settings import Settings
@@ -36,6 +37,10 @@ class Mode(enum.Enum):
     ALL = "all"
     CONTROLLER = "controller"  # reconcilers only: run exactly one
     WEBHOOK = "webhook"  # admission only: run as many replicas as you like
+
+
+LIST_CHUNK = 200
+WORKERS = 100  # objects processed at once: bounds the peak memory of a big start-up listing
 
 
 def configure(kopf_settings: kopf.OperatorSettings) -> None:
@@ -51,6 +56,28 @@ def configure(kopf_settings: kopf.OperatorSettings) -> None:
     kopf_settings.posting.reporting_component = "accord-operator"
     kopf_settings.watching.server_timeout = 300
     kopf_settings.networking.request_timeout = 60
+    # List in pages: one big listing of every object, parsed at once, sets a peak the
+    # process then keeps as its resident size.
+    kopf_settings.watching.chunk_size = LIST_CHUNK
+    kopf_settings.queueing.worker_limit = WORKERS
+    # Only the sagas the operator still drives: finished ones never reach it (see the CRD's
+    # selectableFields), so they cost nothing however many there are.
+    kopf_settings.watching.field_selectors[GROUP, SAGA.plural] = (
+        "status.phase!=Succeeded,status.phase!=Compensated"
+    )
+
+
+async def _give_back_memory(every: float = 30.0) -> None:
+    """Return freed heap to the system now and then. The initial listing of a big cluster
+    (every saga, parsed at once) leaves the C heap large and mostly free; without this the
+    process keeps that peak as its resident size for good."""
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return  # not glibc: nothing to do
+    while True:
+        await asyncio.sleep(every)
+        trim(0)
 
 
 def registry_for(mode: Mode) -> kopf.OperatorRegistry:
@@ -151,7 +178,10 @@ async def run(settings: Settings, mode: Mode = Mode.ALL, stop: asyncio.Event | N
         )
     participants = Participants(api, settings.participant_token, audience_token)
     memo = kopf.Memo(
-        injector=await make_injector(settings, api), api=api, sagas=SagaDriver(api, participants)
+        injector=await make_injector(settings, api),
+        api=api,
+        sagas=SagaDriver(api, participants),
+        namespaces=tuple(settings.namespaces),
     )
     elector = None
     if mode in (Mode.ALL, Mode.CONTROLLER) and settings.leader_election:
@@ -171,6 +201,7 @@ async def run(settings: Settings, mode: Mode = Mode.ALL, stop: asyncio.Event | N
         settings.metrics_port,
     )
     stop = stop or asyncio.Event()
+    trimmer = asyncio.create_task(_give_back_memory())
     keeper: asyncio.Task[None] | None = None
     try:
         if elector is not None:
@@ -190,6 +221,7 @@ async def run(settings: Settings, mode: Mode = Mode.ALL, stop: asyncio.Event | N
         if keeper is not None and keeper.done() and not keeper.cancelled():
             keeper.result()  # raises LeadershipLost
     finally:
+        trimmer.cancel()
         if keeper is not None and not keeper.done():
             keeper.cancel()
         if elector is not None:

@@ -20,7 +20,8 @@ from accord_operator.kubeapi import ApiError, KubeApi
 from accord_operator.resources import API_VERSION, GROUP, KINDS, Kind
 
 logger = logging.getLogger("accord.uninstall")
-FINALIZER = f"{GROUP}/finalizer"
+# kopf's (older operators put it on sagas) and the saga driver's own.
+FINALIZERS = (f"{GROUP}/finalizer", f"{GROUP}/saga-compensation")
 _POLL_S = 1.0
 
 
@@ -70,7 +71,7 @@ async def uninstall(api: KubeApi, namespaces: tuple[str, ...], timeout_s: float)
     for kind, obj in objects:
         meta = obj["metadata"]
         phase = (obj.get("status") or {}).get("phase", "")
-        finalizers = [f for f in meta.get("finalizers") or [] if f != FINALIZER]
+        finalizers = [f for f in meta.get("finalizers") or [] if f not in FINALIZERS]
         logger.warning(
             "%s %s/%s (phase %s) was not finalized within %gs; removing its finalizer: "
             "check by hand what it may still hold",

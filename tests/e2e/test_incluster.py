@@ -152,6 +152,42 @@ def test_sagas_drive_participants_through_their_sidecars(accord: E2ECluster) -> 
     )  # fmt: skip
 
 
+def test_a_refused_step_redriven_after_the_fix_runs_again_through_the_sidecar(
+    accord: E2ECluster,
+) -> None:
+    """Payment sits behind its sidecar, which (like the app) replays the answer it stored
+    for a key. A redrive after a refusal must reach the app again, under a new key."""
+    saga = yaml.safe_load((EXAMPLES / "saga-order-fails-at-payment.yaml").read_text())
+    saga["metadata"] = {"name": "order-redrive", "namespace": SHOP}
+    steps = saga["spec"]["steps"]
+    steps[0]["compensable"] = False  # the reservation is the pivot: after it, only forward
+    steps[0].pop("compensation")
+    accord.kubectl("create", "-f", "-", input=json.dumps(saga))
+    failed = wait_saga(accord, SHOP, "order-redrive")
+    assert failed["status"]["phase"] == "Failed", failed["status"]
+    # The fix: payment raises the customer's limit (from inside its pod), then a redrive.
+    accord.kubectl(
+        "exec", "-n", SHOP, "deploy/payment", "-c", "payment", "--", "python", "-c",
+        "import urllib.request as u; u.urlopen(u.Request('http://127.0.0.1:8080/_limit',"
+        " data=b'{\"declineAboveCents\": 1000000}', method='POST'))",
+    )  # fmt: skip
+    accord.kubectl("annotate", "saga", "order-redrive", "-n", SHOP, "accord.dev/redrive=limit")
+    accord.wait_until(
+        "the redriven saga succeeded",
+        lambda: (
+            (accord.get("saga", "order-redrive", "-n", SHOP).get("status") or {}).get("phase")
+            == "Succeeded"
+        ),
+    )
+    status = accord.get("saga", "order-redrive", "-n", SHOP)["status"]
+    assert status["steps"][1]["keyGeneration"] == 1 and "402" in status["cause"]
+    charges = [
+        line for line in accord.kubectl("logs", "-n", SHOP, "deploy/payment", "-c", "payment")
+        .splitlines() if "/charge ->" in line
+    ]  # fmt: skip
+    assert [c.split(" -> ")[1][:3] for c in charges][-2:] == ["402", "200"], charges
+
+
 def saga_phase_eventually(k8s: E2ECluster, name: str) -> str:
     return str(wait_saga(k8s, SHOP, name)["status"]["phase"])
 

@@ -5,7 +5,7 @@ instead of holding its namespace forever."""
 from __future__ import annotations
 
 from accord_operator.kubeapi import KubeApi
-from accord_operator.uninstall import FINALIZER, uninstall
+from accord_operator.uninstall import FINALIZERS, uninstall
 from tests.support.cluster import Cluster, example
 
 
@@ -14,7 +14,7 @@ async def test_uninstall_deletes_everything_and_unblocks_what_nobody_finalizes(
 ) -> None:
     held = example("saga-order.yaml")
     # No controller runs here: this finalizer would never be removed by anyone else.
-    held["metadata"]["finalizers"] = [FINALIZER]
+    held["metadata"]["finalizers"] = list(FINALIZERS)  # an old operator's, and ours
     cluster.apply(held, namespace)
     cluster.apply(example("tpc-transfer.yaml"), namespace)
 

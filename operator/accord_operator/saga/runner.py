@@ -5,9 +5,11 @@ optimistic concurrency), its world (real time, Events, metrics) and its calls (s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import kopf
@@ -26,11 +28,13 @@ from accord_operator.saga.machine import (
     Call,
     Outcome,
     SagaMachine,
+    expires_at,
+    needs_controller,
 )
 from accord_operator.saga.steps import perform
 from accord_wire import REDRIVE, SKIP_COMPENSATION
 
-__all__ = ["REDRIVE", "SKIP_COMPENSATION", "SagaDriver", "skip_compensation"]
+__all__ = ["REDRIVE", "SKIP_COMPENSATION", "SagaDriver", "SagaSupervisor", "sweep"]
 
 logger = logging.getLogger("accord.saga")
 _locks: dict[str, asyncio.Lock] = {}
@@ -40,9 +44,14 @@ def _path(namespace: str, name: str) -> str:
     return f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{SAGA.plural}/{name}"
 
 
+# Ours, not kopf's (kopf removes its own finalizer from any object it has no handler for).
+FINALIZER = f"{GROUP}/saga-compensation"
+EXPIRES = f"{GROUP}/expires-at"  # label on a finished saga with a TTL: when it goes (epoch s)
+
+
 class SagaDriver:
-    """Runs each saga on the shared driver, one at a time per saga (the daemon and the
-    delete handler may both ask)."""
+    """Runs each saga on the shared driver, one at a time per saga. The saga carries our
+    finalizer from before its first call until it is finished (or released on deletion)."""
 
     def __init__(self, api: KubeApi, participants: Participants) -> None:
         self.api = api
@@ -67,10 +76,35 @@ class SagaDriver:
         saga = await store.read()
         lock = _locks.setdefault(saga["metadata"]["uid"], asyncio.Lock())
         async with lock:
+            if needs_controller(saga.get("status")) and not deleting:
+                await self.hold(saga)  # before any call: a deletion must compensate first
             loop: Driver[Call, Outcome] = Driver(
                 SagaMachine(deleting=deleting), store, self._act, SagaWorld(wait)
             )
-            return await loop.run(watch_finished=wait is not None and not deleting)
+            # A Failed saga is watched for a redrive; any other terminal one is done.
+            watch = wait is not None and not deleting
+            return await loop.run(watch_finished=lambda st: watch and st.get("phase") == "Failed")
+
+    async def hold(self, saga: dict[str, Any]) -> None:
+        """Put our finalizer on the saga, if it is not there yet."""
+        meta = saga["metadata"]
+        if FINALIZER in (meta.get("finalizers") or []) or meta.get("deletionTimestamp"):
+            return
+        ops: list[dict[str, Any]] = [
+            {"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER}
+        ]
+        if meta.get("finalizers") is None:
+            ops = [{"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]}]
+        answer = await self.api.request(
+            "PATCH", _path(meta["namespace"], meta["name"]),
+            [{"op": "test", "path": "/metadata/uid", "value": meta["uid"]}, *ops],
+            content_type="application/json-patch+json",
+        )  # fmt: skip
+        meta["finalizers"] = answer["metadata"].get("finalizers")
+        meta["resourceVersion"] = answer["metadata"]["resourceVersion"]
+
+    async def release(self, namespace: str, name: str, uid: str) -> None:
+        await release(self.api, namespace, name, uid)
 
     async def _act(self, call: Call, saga: dict[str, Any], status: dict[str, Any]) -> Outcome:
         started = time.perf_counter()
@@ -78,6 +112,45 @@ class SagaDriver:
         if outcome.ok:
             metrics.SAGA_STEP_SECONDS.labels(call.kind).observe(time.perf_counter() - started)
         return outcome
+
+
+async def release(api: KubeApi, namespace: str, name: str, uid: str) -> None:
+    """Drop our finalizer (the saga is finished, or its deletion was told to skip the
+    compensation); a finished saga with a TTL gets the label the sweeper looks for."""
+    try:
+        saga = await api.get(_path(namespace, name))
+    except ApiError as exc:
+        if exc.status == 404:
+            return
+        raise
+    meta = saga["metadata"]
+    if meta["uid"] != uid:
+        return  # a new saga under the same name: not ours to touch
+    ops: list[dict[str, Any]] = [{"op": "test", "path": "/metadata/uid", "value": uid}]
+    finalizers = meta.get("finalizers") or []
+    if FINALIZER in finalizers:
+        i = finalizers.index(FINALIZER)
+        ops += [
+            {"op": "test", "path": f"/metadata/finalizers/{i}", "value": FINALIZER},
+            {"op": "remove", "path": f"/metadata/finalizers/{i}"},
+        ]
+    due = expires_at(saga.get("spec") or {}, saga.get("status"))
+    if due is not None and not meta.get("deletionTimestamp"):
+        label = EXPIRES.replace("/", "~1")
+        if meta.get("labels") is None:
+            ops.append({"op": "add", "path": "/metadata/labels", "value": {}})
+        ops.append({"op": "add", "path": f"/metadata/labels/{label}", "value": str(int(due))})
+    if len(ops) == 1:
+        return
+    try:
+        await api.request(
+            "PATCH", _path(namespace, name), ops, content_type="application/json-patch+json"
+        )
+    except ApiError as exc:
+        if exc.status not in (404, 409, 422):  # gone, or changed meanwhile: look again
+            raise
+        if exc.status != 404:
+            await release(api, namespace, name, uid)
 
 
 class SagaWorld:
@@ -175,41 +248,182 @@ class KubeStore:
         return True
 
 
-async def sweep_expired(
-    expiring: Mapping[tuple[str, str], Any], api: KubeApi, every: float = 5.0
-) -> None:
-    """Delete finished sagas whose ttlSecondsAfterFinished has passed. `expiring` is kopf's
-    index of them ({(namespace, name): [(uid, expires_at)]}, kept up to date by the watch
-    kopf already runs): one task for all of them, and no API call until one is due."""
-    asked: set[str] = set()
+class SagaSupervisor:
+    """One task per saga the operator still drives, started and stopped from the watch
+    events kopf already receives. The watch shows only unfinished sagas (a field selector on
+    status.phase), so a finished saga costs nothing: no task, no memory, no event. (Not
+    kopf daemons: for a resource with daemons kopf keeps every object's body in memory.)
+
+    A saga being deleted is driven with `deleting` (it compensates), then released; a
+    Failed one being deleted waits (it still holds what its compensation could not undo)
+    until it is redriven or annotated accord.dev/skip-compensation."""
+
+    def __init__(self, driver: SagaDriver) -> None:
+        self.driver = driver
+        self.tasks: dict[str, asyncio.Task[None]] = {}  # by uid
+        self.objects: dict[str, dict[str, Any]] = {}  # the latest metadata seen, by uid
+        self.changed: dict[str, asyncio.Event] = {}  # set on each event: look again
+        self.stopping = False
+
+    def phases(self) -> dict[str, int]:
+        """Sagas the operator drives, by phase (the accord_sagas gauge)."""
+        return dict(Counter(str(m.get("phase")) for m in self.objects.values()))
+
+    def see(self, event: Mapping[str, Any]) -> None:
+        obj = event.get("object") or {}
+        meta = obj.get("metadata") or {}
+        uid = str(meta.get("uid", ""))
+        if not uid:
+            return
+        if event.get("type") == "DELETED":  # deleted, or finished (out of the selector)
+            self.objects.pop(uid, None)
+            if uid in self.changed:
+                self.changed[uid].set()
+            return
+        status = obj.get("status") or {}
+        self.objects[uid] = {
+            "annotations": dict(meta.get("annotations") or {}),
+            "deleting": bool(meta.get("deletionTimestamp")),
+            "phase": status.get("phase") or "Pending",
+        }
+        if uid in self.changed:
+            self.changed[uid].set()
+        elif not self.stopping:
+            self.changed[uid] = asyncio.Event()
+            ns, name = str(meta["namespace"]), str(meta["name"])
+            self.tasks[uid] = asyncio.create_task(self._run(ns, name, uid))
+
+    async def _run(self, namespace: str, name: str, uid: str) -> None:
+        changed = self.changed[uid]
+        seen = self.objects[uid]
+        deleting = False
+
+        async def wait(seconds: float) -> bool:
+            """Sleep; stop when the saga left the watch, began its deletion, or the
+            operator stops."""
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), seconds)
+            changed.clear()
+            return self._over(uid) or self.objects[uid]["deleting"] != deleting
+
+        try:
+            while not self._over(uid):
+                changed.clear()
+                seen = self.objects[uid]
+                deleting = seen["deleting"]
+                try:
+                    if deleting and skip_compensation_asked(seen["annotations"]):
+                        logger.info("saga %s/%s deleted without compensating", namespace, name)
+                        await self.driver.release(namespace, name, uid)
+                        return
+                    status = await self.driver.drive(
+                        namespace, name, deleting=deleting, wait=wait,
+                        annotations=lambda last=seen: self.objects.get(uid, last)["annotations"],
+                    )  # fmt: skip
+                    skip = deleting and skip_compensation_asked(
+                        self.objects.get(uid, seen)["annotations"]
+                    )
+                    if not needs_controller(status) or skip:
+                        await self.driver.release(namespace, name, uid)
+                        return
+                    if deleting and status.get("phase") == "Failed":
+                        why = (
+                            f"deletion waits: {status.get('message', 'a compensation failed')};"
+                            " or annotate accord.dev/skip-compensation=true to delete it anyway,"
+                            " leaving what it holds"
+                        )
+                        kopf.warn(
+                            {"apiVersion": f"{GROUP}/{VERSION}", "kind": SAGA.kind,
+                             "metadata": {"namespace": namespace, "name": name, "uid": uid}},
+                            reason="DeletionWaits", message=why,
+                        )  # fmt: skip
+                        logger.warning("saga %s/%s: %s", namespace, name, why)
+                        await wait(DELETE_RETRY_S)  # a redrive or a skip wakes it at once
+                except kopf.PermanentError:
+                    return  # the saga is gone
+                except ApiError as exc:
+                    if exc.status == 404:
+                        return
+                    logger.warning("saga %s/%s: %s; again in 2 s", namespace, name, exc)
+                    await wait(2.0)
+                except Exception:
+                    logger.exception("saga %s/%s: driving failed; again in 2 s", namespace, name)
+                    await wait(2.0)  # an API hiccup must not park a saga for long
+        finally:
+            self.tasks.pop(uid, None)
+            self.changed.pop(uid, None)
+
+    def _over(self, uid: str) -> bool:
+        return self.stopping or uid not in self.objects
+
+    async def stop(self, grace: float = 30.0) -> None:
+        """Let every saga finish its round (store, then tell), then stop."""
+        self.stopping = True
+        for event in self.changed.values():
+            event.set()
+        tasks = list(self.tasks.values())
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+
+
+DELETE_RETRY_S = 15.0  # a deletion waiting on a failed compensation looks again this often
+
+
+async def sweep(api: KubeApi, namespaces: tuple[str, ...], every: float = 10.0) -> None:
+    """Finished sagas, which the watch no longer shows: delete those whose
+    ttlSecondsAfterFinished has passed (labelled accord.dev/expires-at when they finished),
+    and, once at start, release finished sagas that an older operator left holding our
+    finalizer (deleting them would otherwise wait forever)."""
+    for phase in ("Succeeded", "Compensated"):
+        async for saga in _pages(api, namespaces, f"fieldSelector=status.phase%3D{phase}"):
+            meta = saga["metadata"]
+            if FINALIZER in (meta.get("finalizers") or []):
+                await release(api, meta["namespace"], meta["name"], meta["uid"])
     while True:
         now = time.time()
-        for (namespace, name), entries in list(expiring.items()):
-            for uid, at in list(entries):
-                if at > now or uid in asked:
-                    continue
-                try:
-                    # Only that saga: not a new one created since under the same name.
-                    await api.request(
-                        "DELETE",
-                        _path(namespace, name),
-                        {"preconditions": {"uid": uid}, "propagationPolicy": "Background"},
-                    )
-                    logger.info(
-                        "saga %s/%s deleted: ttlSecondsAfterFinished passed", namespace, name
-                    )
-                except ApiError as exc:
-                    if exc.status not in (404, 409):
-                        logger.warning("deleting expired saga %s/%s: %s", namespace, name, exc)
-                        continue
-                asked.add(uid)
-        asked &= {uid for entries in expiring.values() for uid, _ in entries}
+        async for saga in _pages(api, namespaces, f"labelSelector={EXPIRES}"):
+            meta = saga["metadata"]
+            try:
+                due = float((meta.get("labels") or {}).get(EXPIRES, "inf"))
+            except ValueError:
+                continue
+            if due > now:
+                continue
+            try:
+                # Only that saga: not a new one created since under the same name.
+                await api.request(
+                    "DELETE",
+                    _path(meta["namespace"], meta["name"]),
+                    {"preconditions": {"uid": meta["uid"]}, "propagationPolicy": "Background"},
+                )
+                logger.info(
+                    "saga %s/%s deleted: ttlSecondsAfterFinished passed",
+                    meta["namespace"], meta["name"],
+                )  # fmt: skip
+            except ApiError as exc:
+                if exc.status not in (404, 409):
+                    logger.warning("deleting expired saga %s: %s", meta["name"], exc)
         await asyncio.sleep(every)
 
 
-def skip_compensation(body: kopf.Body) -> bool:
-    return (body.metadata.annotations or {}).get(SKIP_COMPENSATION, "").lower() in (
-        "true",
-        "1",
-        "yes",
-    )
+async def _pages(
+    api: KubeApi, namespaces: tuple[str, ...], query: str
+) -> AsyncIterator[dict[str, Any]]:
+    """Sagas matching `query`, a page at a time (a big cluster is never listed at once)."""
+    scopes = [f"/namespaces/{ns}" for ns in namespaces] or [""]
+    for scope in scopes:
+        token = ""
+        while True:
+            url = f"/apis/{GROUP}/{VERSION}{scope}/{SAGA.plural}?{query}&limit=500"
+            page = await api.get(url + (f"&continue={token}" if token else ""))
+            for item in page.get("items") or []:
+                yield item
+            token = (page.get("metadata") or {}).get("continue") or ""
+            if not token:
+                break
+
+
+def skip_compensation_asked(annotations: Mapping[str, str]) -> bool:
+    return annotations.get(SKIP_COMPENSATION, "").lower() in ("true", "1", "yes")
