@@ -108,8 +108,9 @@ class Driver(Generic[C, O]):
         self._pending: list[Decision[C]] = []
         self._flying: dict[asyncio.Task[O], C] = {}  # calls in flight, in start order
 
-    async def start(self) -> None:
-        self._load(await self.store.read())
+    async def start(self, obj: Obj | None = None) -> None:
+        """Begin from `obj` when the caller has just read it, else read it."""
+        self._load(obj if obj is not None else await self.store.read())
 
     def _load(self, obj: Obj) -> None:
         self.obj = obj

@@ -56,6 +56,7 @@ class SagaDriver:
     def __init__(self, api: KubeApi, participants: Participants) -> None:
         self.api = api
         self.participants = participants
+        self.last: dict[str, dict[str, Any]] = {}  # the object as a drive left it, by uid
 
     async def drive(
         self,
@@ -81,9 +82,13 @@ class SagaDriver:
             loop: Driver[Call, Outcome] = Driver(
                 SagaMachine(deleting=deleting), store, self._act, SagaWorld(wait)
             )
+            await loop.start(saga)
             # A Failed saga is watched for a redrive; any other terminal one is done.
             watch = wait is not None and not deleting
-            return await loop.run(watch_finished=lambda st: watch and st.get("phase") == "Failed")
+            status = await loop.run(watch_finished=lambda st: watch and st.get("phase") == "Failed")
+            if loop.obj is not None:  # for release: no re-read
+                self.last[saga["metadata"]["uid"]] = {**loop.obj, "status": status}
+            return status
 
     async def hold(self, saga: dict[str, Any]) -> None:
         """Put our finalizer on the saga, if it is not there yet."""
@@ -104,7 +109,7 @@ class SagaDriver:
         meta["resourceVersion"] = answer["metadata"]["resourceVersion"]
 
     async def release(self, namespace: str, name: str, uid: str) -> None:
-        await release(self.api, namespace, name, uid)
+        await release(self.api, namespace, name, uid, self.last.pop(uid, None))
 
     async def _act(self, call: Call, saga: dict[str, Any], status: dict[str, Any]) -> Outcome:
         started = time.perf_counter()
@@ -114,15 +119,19 @@ class SagaDriver:
         return outcome
 
 
-async def release(api: KubeApi, namespace: str, name: str, uid: str) -> None:
+async def release(
+    api: KubeApi, namespace: str, name: str, uid: str, known: dict[str, Any] | None = None
+) -> None:
     """Drop our finalizer (the saga is finished, or its deletion was told to skip the
     compensation); a finished saga with a TTL gets the label the sweeper looks for."""
-    try:
-        saga = await api.get(_path(namespace, name))
-    except ApiError as exc:
-        if exc.status == 404:
-            return
-        raise
+    saga = known
+    if saga is None:
+        try:
+            saga = await api.get(_path(namespace, name))
+        except ApiError as exc:
+            if exc.status == 404:
+                return
+            raise
     meta = saga["metadata"]
     if meta["uid"] != uid:
         return  # a new saga under the same name: not ours to touch
