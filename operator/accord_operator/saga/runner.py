@@ -149,6 +149,7 @@ async def release(
         if meta.get("labels") is None:
             ops.append({"op": "add", "path": "/metadata/labels", "value": {}})
         ops.append({"op": "add", "path": f"/metadata/labels/{label}", "value": str(int(due))})
+        logger.info("saga %s/%s finished; deleted after %s (its TTL)", namespace, name, int(due))
     if len(ops) == 1:
         return
     try:
@@ -384,37 +385,54 @@ async def sweep(api: KubeApi, namespaces: tuple[str, ...], every: float = 10.0) 
     """Finished sagas, which the watch no longer shows: delete those whose
     ttlSecondsAfterFinished has passed (labelled accord.dev/expires-at when they finished),
     and, once at start, release finished sagas that an older operator left holding our
-    finalizer (deleting them would otherwise wait forever)."""
+    finalizer (deleting them would otherwise wait forever). Never stops on an error."""
+    adopted = False
+    while True:
+        try:
+            if not adopted:
+                await _adopt(api, namespaces)
+                adopted = True
+            await _expire(api, namespaces)
+        except Exception:
+            logger.exception("sweeping finished sagas failed; again in %gs", every)
+        await asyncio.sleep(every)
+
+
+async def _adopt(api: KubeApi, namespaces: tuple[str, ...]) -> None:
     for phase in ("Succeeded", "Compensated"):
         async for saga in _pages(api, namespaces, f"fieldSelector=status.phase%3D{phase}"):
             meta = saga["metadata"]
-            if FINALIZER in (meta.get("finalizers") or []):
-                await release(api, meta["namespace"], meta["name"], meta["uid"])
-    while True:
-        now = time.time()
-        async for saga in _pages(api, namespaces, f"labelSelector={EXPIRES}"):
-            meta = saga["metadata"]
-            try:
-                due = float((meta.get("labels") or {}).get(EXPIRES, "inf"))
-            except ValueError:
-                continue
-            if due > now:
-                continue
-            try:
-                # Only that saga: not a new one created since under the same name.
-                await api.request(
-                    "DELETE",
-                    _path(meta["namespace"], meta["name"]),
-                    {"preconditions": {"uid": meta["uid"]}, "propagationPolicy": "Background"},
-                )
-                logger.info(
-                    "saga %s/%s deleted: ttlSecondsAfterFinished passed",
-                    meta["namespace"], meta["name"],
-                )  # fmt: skip
-            except ApiError as exc:
-                if exc.status not in (404, 409):
-                    logger.warning("deleting expired saga %s: %s", meta["name"], exc)
-        await asyncio.sleep(every)
+            if FINALIZER in (meta.get("finalizers") or []) or (
+                expires_at(saga.get("spec") or {}, saga.get("status")) is not None
+                and EXPIRES not in (meta.get("labels") or {})
+            ):
+                await release(api, meta["namespace"], meta["name"], meta["uid"], saga)
+
+
+async def _expire(api: KubeApi, namespaces: tuple[str, ...]) -> None:
+    now = time.time()
+    async for saga in _pages(api, namespaces, f"labelSelector={EXPIRES}"):
+        meta = saga["metadata"]
+        try:
+            due = float((meta.get("labels") or {}).get(EXPIRES, "inf"))
+        except ValueError:
+            continue
+        if due > now:
+            continue
+        try:
+            # Only that saga: not a new one created since under the same name.
+            await api.request(
+                "DELETE",
+                _path(meta["namespace"], meta["name"]),
+                {"preconditions": {"uid": meta["uid"]}, "propagationPolicy": "Background"},
+            )
+            logger.info(
+                "saga %s/%s deleted: ttlSecondsAfterFinished passed",
+                meta["namespace"], meta["name"],
+            )  # fmt: skip
+        except ApiError as exc:
+            if exc.status not in (404, 409):
+                logger.warning("deleting expired saga %s: %s", meta["name"], exc)
 
 
 async def _pages(
