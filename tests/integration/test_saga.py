@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,13 +10,9 @@ from typing import Any
 
 import pytest
 
-from accord_operator.envtest.controlplane import free_port
 from tests.support.cluster import Cluster, example
-from tests.support.dataplane import Process, Sidecar, _wait_port
 from tests.support.operator import run_operator
-from tests.support.saga import SagaBed, saga_bed, step
-
-SUPPORT = Path(__file__).resolve().parents[1] / "support"
+from tests.support.saga import SagaBed, saga_bed, slow_fenced_participant, step
 
 
 @pytest.fixture
@@ -288,44 +283,26 @@ def test_an_action_that_lands_after_its_compensation_is_fenced_by_the_sidecar(
     /charge for 6 s and delivers it even after the operator gave up. Both attempts time out,
     the saga compensates (the refund arrives first, with nothing to undo), and then the
     charges land. The sidecar's fence refuses them: the app never charges."""
-    token = "fence-test-token"
-    with saga_bed(cluster, namespace, tmp_path, "inventory", "payment", operator=False) as bed:
+    with (
+        saga_bed(cluster, namespace, tmp_path, "inventory", "payment", operator=False) as bed,
+        slow_fenced_participant(bed, "payment", tmp_path, "/charge=6000") as payment,
+    ):
         app = bed.services["payment"]
-        sidecar = Sidecar(tmp_path, "payment-sidecar", ACCORD_APP_PORT=str(app.port),
-                          ACCORD_SHARED_TOKEN=token,
-                          ACCORD_DATA_DIR=str(tmp_path / "payment-data")).start()  # fmt: skip
-        link_port = free_port()
-        link = Process(
-            [sys.executable, str(SUPPORT / "slow_link.py"), "--port", str(link_port),
-             "--target", sidecar.inbound, "--hold", "/charge=6000"],
-            tmp_path / "slow-link.log",
-        ).start()  # fmt: skip
-        try:
-            assert link.proc is not None
-            _wait_port(link_port, link.proc, link.log)
-            quick = {"maxAttempts": 2, "backoff": {"initialSeconds": 0.1, "maxSeconds": 0.2}}
-            steps = [
-                ORDER[0],
-                step("charge", "payment", "charge", "refund", timeoutSeconds=1, retry=quick),
-            ]
-            for s in steps[1:]:
-                for kind in ("action", "compensation"):
-                    s[kind]["http"]["port"] = link_port
-            env = {"ACCORD_PARTICIPANT_TOKEN": token}
-            with run_operator(cluster, tmp_path, "--controller-only", "-n", namespace, env=env):
-                bed.apply(bed.saga("late", steps))
-                saga = bed.wait("late", "Compensated")
-                # Both held charges get through the link (6 s each) and reach the sidecar.
-                deadline = time.monotonic() + 30
-                while sidecar.metric("accord_sidecar_fenced_total") < 2:
-                    assert time.monotonic() < deadline, "the late charges never arrived"
-                    time.sleep(0.3)
-            assert [c["path"] for c in app.calls()] == ["/refund"]  # never charged
-            assert saga["status"]["steps"][1]["outcomeUnknown"] is True
-            assert bed.calls("inventory") == ["reserve", "release"]
-        finally:
-            link.close()
-            sidecar.close()
+        quick = {"maxAttempts": 2, "backoff": {"initialSeconds": 0.1, "maxSeconds": 0.2}}
+        charge = step("charge", "payment", "charge", "refund", timeoutSeconds=1, retry=quick)
+        steps = [ORDER[0], payment.via(charge)]
+        env = {"ACCORD_PARTICIPANT_TOKEN": payment.token}
+        with run_operator(cluster, tmp_path, "--controller-only", "-n", namespace, env=env):
+            bed.apply(bed.saga("late", steps))
+            saga = bed.wait("late", "Compensated")
+            # Both held charges get through the link (6 s each) and reach the sidecar.
+            deadline = time.monotonic() + 30
+            while payment.sidecar.metric("accord_sidecar_fenced_total") < 2:
+                assert time.monotonic() < deadline, "the late charges never arrived"
+                time.sleep(0.3)
+        assert [c["path"] for c in app.calls()] == ["/refund"]  # never charged
+        assert saga["status"]["steps"][1]["outcomeUnknown"] is True
+        assert bed.calls("inventory") == ["reserve", "release"]
 
 
 def test_a_finished_saga_keeps_no_finalizer(bed: SagaBed) -> None:

@@ -7,19 +7,14 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from accord_operator.envtest.controlplane import free_port
 from tests.support.cluster import Cluster
-from tests.support.dataplane import Process, Sidecar, _wait_port
 from tests.support.operator import run_operator
-from tests.support.saga import saga_bed, step
-
-SUPPORT = Path(__file__).resolve().parents[1] / "support"
+from tests.support.saga import saga_bed, slow_fenced_participant, step
 
 SAGAS = 60
 TERMINAL = ("Succeeded", "Compensated", "Failed")
@@ -196,53 +191,37 @@ def test_late_commits_under_sigkills_leave_nothing_held(
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     print(f"chaos seed {seed}")
-    token = "chaos-fence-token"
-    with saga_bed(cluster, namespace, tmp_path, "inventory", "payment", operator=False) as bed:
-        app = bed.services["payment"]
-        sidecar = Sidecar(tmp_path, "payment-sidecar", ACCORD_APP_PORT=str(app.port),
-                          ACCORD_SHARED_TOKEN=token,
-                          ACCORD_DATA_DIR=str(tmp_path / "payment-data")).start()  # fmt: skip
-        link_port = free_port()
-        link = Process(
-            [sys.executable, str(SUPPORT / "slow_link.py"), "--port", str(link_port),
-             "--target", sidecar.inbound, "--hold", "/charge-slow=10000"],
-            tmp_path / "slow-link.log",
-        ).start()  # fmt: skip
-        try:
-            assert link.proc is not None
-            _wait_port(link_port, link.proc, link.log)
-            quick = {"maxAttempts": 2, "backoff": {"initialSeconds": 0.1, "maxSeconds": 0.2}}
-            expected: dict[str, str] = {}
-            for i in range(20):
-                late = i % 2 == 0
-                charge = step("charge", "payment", "charge-slow" if late else "charge", "refund",
-                              timeoutSeconds=1, retry=quick)  # fmt: skip
-                for kind in ("action", "compensation"):
-                    charge[kind]["http"]["port"] = link_port
-                name = f"order-{i}"
-                expected[name] = "Compensated" if late else "Succeeded"
-                bed.apply(bed.saga(name, [step("reserve", "inventory", "reserve", "release"),
-                                          charge]))  # fmt: skip
-            env = {"ACCORD_PARTICIPANT_TOKEN": token}
-            args = ("--controller-only", "-n", namespace)
-            kills = 0
-            for _ in range(4):
-                with run_operator(cluster, tmp_path, *args, env=env) as op:
-                    time.sleep(rng.uniform(0.5, 2.5))
-                    assert op.proc is not None
-                    op.proc.kill()
-                    op.proc.wait()
-                    kills += 1
-            with run_operator(cluster, tmp_path, *args, env=env):
-                end = time.monotonic() + 120
-                while not _phases(cluster, namespace, expected) and time.monotonic() < end:
-                    time.sleep(0.5)
-                time.sleep(11)  # every held charge has come through the link by now
-            assert _phases(cluster, namespace, expected, all_phases=True) == expected
-            calls = app.calls()
-        finally:
-            link.close()
-            sidecar.close()
+    with (
+        saga_bed(cluster, namespace, tmp_path, "inventory", "payment", operator=False) as bed,
+        slow_fenced_participant(bed, "payment", tmp_path, "/charge-slow=10000") as payment,
+    ):
+        quick = {"maxAttempts": 2, "backoff": {"initialSeconds": 0.1, "maxSeconds": 0.2}}
+        expected: dict[str, str] = {}
+        for i in range(20):
+            late = i % 2 == 0
+            charge = step("charge", "payment", "charge-slow" if late else "charge", "refund",
+                          timeoutSeconds=1, retry=quick)  # fmt: skip
+            name = f"order-{i}"
+            expected[name] = "Compensated" if late else "Succeeded"
+            bed.apply(bed.saga(name, [step("reserve", "inventory", "reserve", "release"),
+                                      payment.via(charge)]))  # fmt: skip
+        env = {"ACCORD_PARTICIPANT_TOKEN": payment.token}
+        args = ("--controller-only", "-n", namespace)
+        kills = 0
+        for _ in range(4):
+            with run_operator(cluster, tmp_path, *args, env=env) as op:
+                time.sleep(rng.uniform(0.5, 2.5))
+                assert op.proc is not None
+                op.proc.kill()
+                op.proc.wait()
+                kills += 1
+        with run_operator(cluster, tmp_path, *args, env=env):
+            end = time.monotonic() + 120
+            while not _phases(cluster, namespace, expected) and time.monotonic() < end:
+                time.sleep(0.5)
+            time.sleep(11)  # every held charge has come through the link by now
+        assert _phases(cluster, namespace, expected, all_phases=True) == expected
+        calls = bed.services["payment"].calls()
     # The app's own records: what it executed, per saga, in order.
     executed: dict[str, list[str]] = defaultdict(list)
     for call in calls:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -12,9 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from accord_operator.envtest import local_service
+from accord_operator.envtest.controlplane import free_port
 from tests.support.cluster import Cluster
-from tests.support.dataplane import Recorder
+from tests.support.dataplane import Process, Recorder, Sidecar, _wait_port
 from tests.support.operator import OperatorProcess, run_operator
+
+SLOW_LINK = Path(__file__).resolve().parent / "slow_link.py"
 
 
 @dataclass
@@ -108,3 +112,44 @@ def saga_bed(
                 run_operator(cluster, tmp, "--controller-only", "-n", namespace)
             )
         yield bed
+
+
+@dataclass
+class SlowFencedParticipant:
+    """A participant's app behind a real sidecar (its fence and dedup), behind a slow link
+    (tests/support/slow_link.py) that holds some paths and delivers them even after the
+    caller gave up. Point a step's http port at `port`; the operator needs `token`."""
+
+    port: int
+    sidecar: Sidecar
+    token: str
+
+    def via(self, s: dict[str, Any]) -> dict[str, Any]:
+        """The step `s`, its action and compensation sent through the slow link."""
+        for kind in ("action", "compensation"):
+            if kind in s:
+                s[kind]["http"]["port"] = self.port
+        return s
+
+
+@contextmanager
+def slow_fenced_participant(
+    bed: SagaBed, service: str, tmp: Path, *holds: str
+) -> Iterator[SlowFencedParticipant]:
+    """holds: "PATH=MILLISECONDS", e.g. "/charge=6000"."""
+    token = f"{service}-fence-token"
+    app = bed.services[service]
+    sidecar = Sidecar(tmp, f"{service}-sidecar", ACCORD_APP_PORT=str(app.port),
+                      ACCORD_SHARED_TOKEN=token,
+                      ACCORD_DATA_DIR=str(tmp / f"{service}-data")).start()  # fmt: skip
+    port = free_port()
+    argv = [sys.executable, str(SLOW_LINK), "--port", str(port), "--target", sidecar.inbound]
+    link = Process(argv + [a for h in holds for a in ("--hold", h)], tmp / "slow-link.log")
+    try:
+        link.start()
+        assert link.proc is not None
+        _wait_port(port, link.proc, link.log)
+        yield SlowFencedParticipant(port, sidecar, token)
+    finally:
+        link.close()
+        sidecar.close()

@@ -4,13 +4,14 @@ optionally kept in an append-only file so that a sidecar restart keeps it."""
 from __future__ import annotations
 
 import base64
-import json
-import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from accord_sidecar import jsonl
 
 
 @dataclass(frozen=True)
@@ -21,10 +22,14 @@ class Stored:
     at: float
 
 
-def _line(key: str, e: Stored) -> str:
-    return json.dumps(
-        {"k": key, "s": e.status, "h": e.headers, "b": base64.b64encode(e.body).decode(), "t": e.at}
-    )
+def _record(key: str, e: Stored) -> dict[str, Any]:
+    return {
+        "k": key,
+        "s": e.status,
+        "h": e.headers,
+        "b": base64.b64encode(e.body).decode(),
+        "t": e.at,
+    }
 
 
 class DedupTable:
@@ -68,41 +73,28 @@ class DedupTable:
     # -- file backing: one JSON line per entry; compacted when it doubles the table ----------
     def _append(self, key: str, entry: Stored) -> None:
         assert self.path is not None
-        line = _line(key, entry)
-        # One write() per entry: a SIGKILL after it returns cannot lose it (page cache).
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, (line + "\n").encode())
-        finally:
-            os.close(fd)
+        jsonl.append(self.path, _record(key, entry))
         self._lines += 1
         if self._lines > 2 * self.max_entries + 100:
             self._compact()
 
     def _load(self, path: Path) -> None:
-        if not path.exists():
-            return
         now = self.clock()
-        for raw in path.read_text(errors="replace").splitlines():
+        for d in jsonl.records(path):
             try:
-                d = json.loads(raw)
                 entry = Stored(
                     int(d["s"]), [tuple(h) for h in d["h"]], base64.b64decode(d["b"]), float(d["t"])
                 )
             except (ValueError, KeyError, TypeError):
-                continue  # a torn last line after a crash
+                continue
             if now - entry.at <= self.ttl_s:
                 self._entries[d["k"]] = entry
                 self._entries.move_to_end(d["k"])
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
-        self._compact()
+        if path.exists():
+            self._compact()
 
     def _compact(self) -> None:
         assert self.path is not None
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            for key, e in self._entries.items():
-                f.write(_line(key, e) + "\n")
-        os.replace(tmp, self.path)
-        self._lines = len(self._entries)
+        self._lines = jsonl.rewrite(self.path, (_record(k, e) for k, e in self._entries.items()))

@@ -8,12 +8,12 @@ retention are dropped at start and at compaction, and the table is bounded (olde
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
+
+from accord_sidecar import jsonl
 
 
 class Journal:
@@ -49,52 +49,38 @@ class Journal:
         """Record `state` for `key`, durably, before the caller acts on it."""
         at = self.clock()
         if self.path is not None:
-            self._append(json.dumps({"k": key, "s": state, "t": at}))
+            # fsync: the fence must hold after a power loss too, not only a SIGKILL.
+            jsonl.append(self.path, {"k": key, "s": state, "t": at}, sync=True)
+            self._lines += 1
+            if self._lines > 2 * self.max_entries + 100:
+                self._compact()
         self._entries[key] = (state, at)
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
 
-    def _append(self, line: str) -> None:
-        assert self.path is not None
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, (line + "\n").encode())
-            os.fsync(fd)  # the fence must hold after a power loss too, not only a SIGKILL
-        finally:
-            os.close(fd)
-        self._lines += 1
-        if self._lines > 2 * self.max_entries + 100:
-            self._compact()
-
     def _load(self, path: Path) -> None:
-        if not path.exists():
-            return
         now = self.clock()
-        for raw in path.read_text(errors="replace").splitlines():
+        for d in jsonl.records(path):
             try:
-                d = json.loads(raw)
                 key, state, at = str(d["k"]), str(d["s"]), float(d["t"])
-            except (ValueError, KeyError, TypeError):
-                continue  # a torn last line after a crash: that call was never made
+            except (KeyError, TypeError, ValueError):
+                continue
             if now - at <= self.retention_s:
                 self._entries[key] = (state, at)
                 self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
-        self._compact()
+        if path.exists():
+            self._compact()
 
     def _compact(self) -> None:
         assert self.path is not None
         now = self.clock()
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            for key, (state, at) in list(self._entries.items()):
-                if now - at > self.retention_s:
-                    del self._entries[key]
-                    continue
-                f.write(json.dumps({"k": key, "s": state, "t": at}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        self._lines = len(self._entries)
+        for key in [k for k, (_, at) in self._entries.items() if now - at > self.retention_s]:
+            del self._entries[key]
+        self._lines = jsonl.rewrite(
+            self.path,
+            ({"k": k, "s": state, "t": at} for k, (state, at) in self._entries.items()),
+            sync=True,
+        )
