@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import base64
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from accord_sidecar import jsonl
+from accord_sidecar.jsonl import ExpiringLog
 
 
 @dataclass(frozen=True)
@@ -22,17 +21,16 @@ class Stored:
     at: float
 
 
-def _record(key: str, e: Stored) -> dict[str, Any]:
-    return {
-        "k": key,
-        "s": e.status,
-        "h": e.headers,
-        "b": base64.b64encode(e.body).decode(),
-        "t": e.at,
-    }
+def _encode(e: Stored) -> dict[str, Any]:
+    return {"s": e.status, "h": e.headers, "b": base64.b64encode(e.body).decode()}
 
 
-class DedupTable:
+def _decode(d: dict[str, Any]) -> Stored:
+    headers = [(str(k), str(v)) for k, v in d["h"]]
+    return Stored(int(d["s"]), headers, base64.b64decode(d["b"]), float(d["t"]))
+
+
+class DedupTable(ExpiringLog[Stored]):
     def __init__(
         self,
         max_entries: int,
@@ -40,61 +38,13 @@ class DedupTable:
         path: Path | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.max_entries = max_entries
-        self.ttl_s = ttl_s
-        self.clock = clock
-        self.path = path
-        self._entries: OrderedDict[str, Stored] = OrderedDict()
-        self._lines = 0
-        if path is not None:
-            self._load(path)
+        # Written without fsync: a SIGKILL after the write() cannot lose it (page cache),
+        # and a lost answer is only sent to the app again under the same key.
+        super().__init__(
+            max_entries=max_entries, ttl_s=ttl_s, encode=_encode, decode=_decode,
+            path=path, clock=clock,
+        )  # fmt: skip
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, key: str) -> Stored | None:
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        if self.clock() - entry.at > self.ttl_s:
-            del self._entries[key]
-            return None
-        self._entries.move_to_end(key)
-        return entry
-
-    def put(self, key: str, entry: Stored) -> None:
-        self._entries[key] = entry
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
-        if self.path is not None:
-            self._append(key, entry)
-
-    # -- file backing: one JSON line per entry; compacted when it doubles the table ----------
-    def _append(self, key: str, entry: Stored) -> None:
-        assert self.path is not None
-        jsonl.append(self.path, _record(key, entry))
-        self._lines += 1
-        if self._lines > 2 * self.max_entries + 100:
-            self._compact()
-
-    def _load(self, path: Path) -> None:
-        now = self.clock()
-        for d in jsonl.records(path):
-            try:
-                entry = Stored(
-                    int(d["s"]), [tuple(h) for h in d["h"]], base64.b64decode(d["b"]), float(d["t"])
-                )
-            except (ValueError, KeyError, TypeError):
-                continue
-            if now - entry.at <= self.ttl_s:
-                self._entries[d["k"]] = entry
-                self._entries.move_to_end(d["k"])
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
-        if path.exists():
-            self._compact()
-
-    def _compact(self) -> None:
-        assert self.path is not None
-        self._lines = jsonl.rewrite(self.path, (_record(k, e) for k, e in self._entries.items()))
+    def put(self, key: str, entry: Stored, at: float | None = None) -> None:
+        """An answer expires `ttl_s` after it was given (its `at`)."""
+        super().put(key, entry, entry.at if at is None else at)
