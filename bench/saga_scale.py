@@ -36,13 +36,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from accord_operator.envtest import ControlPlane, local_service  # noqa: E402
-from accord_operator.envtest.controlplane import free_port  # noqa: E402
 from accord_operator.envtest.crds import install_crds  # noqa: E402
 from accord_operator.kubeapi import KubeApi  # noqa: E402
 from accord_operator.saga.machine import Call, Outcome, SagaMachine  # noqa: E402
 from tests.support.cluster import Cluster  # noqa: E402
-from tests.support.dataplane import Process, _wait_port  # noqa: E402
 from tests.support.operator import run_operator  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+from saga_throughput import start_sinks  # noqa: E402
 
 # The last revision in which a finished saga kept a daemon (polling every 2 s) and a
 # finalizer; the next one gave terminal sagas no task.
@@ -231,17 +232,9 @@ def main() -> int:
             "after": {"PYTHONPATH": str(ROOT / "operator")},
             "before": {"PYTHONPATH": str(old / "operator")},
         }
-        sinks, ports = [], {}
-        for name in ("inventory", "payment", "shipping"):
-            port = free_port()
-            sink = Process(
-                [sys.executable, str(ROOT / "bench" / "sink.py"), "--port", str(port)],
-                tmp / f"{name}.log",
-            ).start()
-            assert sink.proc is not None
-            _wait_port(port, sink.proc, sink.log)
-            sinks.append(sink)
-            ports[name] = port
+        started = start_sinks(tmp)
+        sinks = [sink for _, sink in started.values()]
+        ports = {name: port for name, (port, _) in started.items()}
         try:
             cluster.kubectl("create", "namespace", "finished")
             t0 = time.monotonic()

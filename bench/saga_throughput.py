@@ -38,6 +38,21 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def start_sinks(tmp: Path) -> dict[str, tuple[int, Process]]:
+    """Three fast local participants (bench/sink.py): name -> (port, process)."""
+    sinks = {}
+    for name in ("inventory", "payment", "shipping"):
+        port = free_port()
+        sink = Process(
+            [sys.executable, str(ROOT / "bench" / "sink.py"), "--port", str(port)],
+            tmp / f"{name}.log",
+        ).start()
+        assert sink.proc is not None
+        _wait_port(port, sink.proc, sink.log)
+        sinks[name] = (port, sink)
+    return sinks
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sagas", type=int, default=200)
@@ -50,16 +65,8 @@ def main() -> int:
 
         install_crds(cp, ROOT / "crds")
         cluster.kubectl("create", "namespace", ns)
-        sinks = []
-        for name in ("inventory", "payment", "shipping"):
-            port = free_port()
-            sink = Process(
-                [sys.executable, str(ROOT / "bench" / "sink.py"), "--port", str(port)],
-                tmp / f"{name}.log",
-            ).start()
-            assert sink.proc is not None
-            _wait_port(port, sink.proc, sink.log)
-            sinks.append((name, port, sink))
+        sinks = [(name, port, sink) for name, (port, sink) in start_sinks(tmp).items()]
+        for name, _, _ in sinks:
             cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(local_service(name)))
         steps = [
             {
