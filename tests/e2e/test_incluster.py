@@ -376,6 +376,15 @@ def test_pods_created_while_the_webhook_is_down_are_reported(accord: E2ECluster)
     finally:
         accord.kubectl("scale", "deployment", webhook, "-n", SYSTEM, f"--replicas={replicas}")
         accord.kubectl("rollout", "status", "deployment", webhook, "-n", SYSTEM, "--timeout=120s")
+        # Ready pods are not yet a reachable Service (endpoints, kube-proxy): later tests
+        # go through the fail-closed webhooks, so wait until one answers a dry run.
+        accord.wait_until(
+            "the webhook Service answers",
+            lambda: "created (server dry run)" in accord.kubectl(
+                "create", "--dry-run=server", "-n", SHOP, "-f", str(EXAMPLES / "tpc-transfer.yaml"),
+                check=False, stderr=True,
+            ),
+        )  # fmt: skip
 
 
 def test_two_phase_and_projection_resources_are_accepted(accord: E2ECluster) -> None:
