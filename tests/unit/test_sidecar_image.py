@@ -11,7 +11,7 @@ SIDECAR = Path(__file__).resolve().parents[2] / "sidecar_images" / "sidecar"
 
 def test_sidecar_imports_only_what_the_image_installs() -> None:
     allowed = {
-        "aiohttp", "nats", "prometheus_client", "multidict", "uvloop", "accord_sidecar",
+        "aiohttp", "nats", "prometheus_client", "multidict", "yarl", "uvloop", "accord_sidecar",
         "accord_wire",  # copied into the image beside accord_sidecar (see the Dockerfile)
     }  # fmt: skip
     wanted = {

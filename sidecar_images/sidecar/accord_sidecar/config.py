@@ -34,6 +34,13 @@ def _int(env: Mapping[str, str], name: str, default: int, lo: int = 0, hi: int =
     return value
 
 
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    raw = env.get(name, "").strip().lower() or choices[0]
+    if raw not in choices:
+        raise ConfigError(f"{name}={raw!r} is not one of {', '.join(choices)}")
+    return raw
+
+
 def _services(raw: str) -> dict[str, str]:
     """ACCORD_SERVICES="inventory=127.0.0.1:8081,payment=http://127.0.0.1:8082"."""
     out: dict[str, str] = {}
@@ -113,6 +120,17 @@ class Config:
     # for the API server, which could do anything there, is never accepted here.
     token_audience: str = wire.PARTICIPANT_AUDIENCE
     shutdown_grace_s: int = 20
+    # A client has this long to send a request's headers (from connecting, or since its last
+    # answer on a kept-alive connection), and this long to send a body: a slow client cannot
+    # hold connections (slowloris). Idle kept-alive connections close after the first.
+    header_timeout_s: int = 30
+    body_timeout_s: int = 60
+    # The JetStream stream (chart values nats.stream.*) and what a new subscription replays.
+    stream_max_age_s: int = 0
+    stream_max_bytes: int = -1
+    stream_replicas: int = 1
+    stream_storage: str = "file"
+    new_subscriptions_start: str = "all"
     log_level: str = "info"
     in_cluster: bool = False  # resolve unknown services through cluster DNS
 
@@ -190,6 +208,13 @@ class Config:
             kube_client_key=env.get("ACCORD_KUBE_CLIENT_KEY", ""),
             token_audience=env.get("ACCORD_TOKEN_AUDIENCE", "") or wire.PARTICIPANT_AUDIENCE,
             shutdown_grace_s=_int(env, "ACCORD_SHUTDOWN_GRACE_S", 20, 0, 3600),
+            header_timeout_s=_int(env, "ACCORD_HEADER_TIMEOUT_S", 30, 1, 3600),
+            body_timeout_s=_int(env, "ACCORD_BODY_TIMEOUT_S", 60, 1, 3600),
+            stream_max_age_s=_int(env, "ACCORD_STREAM_MAX_AGE_S", 0, 0, 10 * 365 * 86400),
+            stream_max_bytes=_int(env, "ACCORD_STREAM_MAX_BYTES", -1, -1, 2**62),
+            stream_replicas=_int(env, "ACCORD_STREAM_REPLICAS", 1, 1, 5),
+            stream_storage=_choice(env, "ACCORD_STREAM_STORAGE", ("file", "memory")),
+            new_subscriptions_start=_choice(env, "ACCORD_NEW_SUBSCRIPTIONS_START", ("all", "new")),
             log_level=env.get("ACCORD_LOG_LEVEL", "info").lower(),
             in_cluster=in_cluster or "ACCORD_POD_NAMESPACE" in env,
         )

@@ -9,10 +9,11 @@ import time
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 import accord_wire as wire
 from accord_sidecar import metrics
-from accord_sidecar.auth import Authenticator
+from accord_sidecar.auth import Authenticator, Verdict
 from accord_sidecar.config import Config
 from accord_sidecar.dedup import DedupTable, Stored
 from accord_sidecar.errors import error, read_body
@@ -44,6 +45,25 @@ class Inbound:
         self._in_flight: dict[str, asyncio.Future[Stored | None]] = {}
         self._actions: dict[str, asyncio.Future[None]] = {}  # saga actions at the app, by pair
 
+    async def expect(self, request: web.Request) -> web.StreamResponse | None:
+        """Expect: 100-continue: the caller is authenticated before it sends its body."""
+        verdict = await self.auth.check(request.headers.get("Authorization"))
+        if verdict.status != 200:
+            response = self._refused(verdict)
+            response.force_close()  # its body was never asked for
+            return response
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            return error(417, "expectation_failed", "only Expect: 100-continue is understood")
+        if request.version == aiohttp.HttpVersion11:
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0
+        return None
+
+    @staticmethod
+    def _refused(verdict: Verdict) -> web.Response:
+        code = {401: "unauthenticated", 403: "forbidden"}.get(verdict.status, "auth_unavailable")
+        return error(verdict.status, code, verdict.message)
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         response, outcome = await self._handle(request)
@@ -52,15 +72,13 @@ class Inbound:
         return response
 
     async def _handle(self, request: web.Request) -> tuple[web.Response, str]:
+        # Before anything is read from the body.
         verdict = await self.auth.check(request.headers.get("Authorization"))
         if verdict.status != 200:
-            code = {401: "unauthenticated", 403: "forbidden"}.get(
-                verdict.status, "auth_unavailable"
-            )
-            return error(verdict.status, code, verdict.message), "refused"
+            return self._refused(verdict), "refused"
         if self.config.app_port is None:
             return error(503, "no_app", "this sidecar has no app port (ACCORD_APP_PORT)"), "error"
-        body = await read_body(request, self.config.max_body_bytes)
+        body = await read_body(request, self.config.max_body_bytes, self.config.body_timeout_s)
         if isinstance(body, web.Response):
             return body, "refused"
         key = request.headers.get(IDEMPOTENCY_KEY)
@@ -135,7 +153,10 @@ class Inbound:
     async def _forward(self, request: web.Request, body: bytes) -> Stored:
         headers = forward_headers(request.headers)
         headers.popall("Authorization", None)  # the caller's credential is for us, not the app
-        url = f"http://{self.config.app_host}:{self.config.app_port}{request.rel_url}"
+        # The raw target as the caller sent it: nothing decoded or normalised on the way.
+        url = URL(
+            f"http://{self.config.app_host}:{self.config.app_port}{request.raw_path}", encoded=True
+        )
         try:
             async with self.session.request(
                 request.method,

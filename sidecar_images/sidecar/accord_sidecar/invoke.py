@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
+from yarl import URL
 
 import accord_wire as wire
 from accord_sidecar import metrics
@@ -25,6 +26,8 @@ from accord_sidecar.resiliency import (
     retry_after_seconds,
     retryable_status,
 )
+
+PREFIX = "/v1/invoke/"
 
 # Never forwarded: they describe one hop, not the request (RFC 9110 section 7.6.1).
 HOP_BY_HOP = frozenset(
@@ -57,11 +60,16 @@ class Target:
     policy: RetryPolicy
     timeout_s: float
     timeout: aiohttp.ClientTimeout = field(init=False)
+    label: str = field(init=False)  # its metrics' label: its name if configured, else "other"
     latency: Any = field(init=False)  # the metric children, looked up once per target
 
     def __post_init__(self) -> None:
         self.timeout = aiohttp.ClientTimeout(total=self.timeout_s)
-        self.latency = metrics.OUTBOUND_LATENCY.labels(self.name)
+        self.label = metrics.target_label(self.name)
+        self.latency = metrics.OUTBOUND_LATENCY.labels(self.label)
+
+
+MAX_TARGETS = 1024  # breakers and budgets kept; the least recently added go first
 
 
 class Invoker:
@@ -105,33 +113,35 @@ class Invoker:
                 ),
                 timeout_s=o.get("timeoutMs", c.timeout_ms) / 1000,
             )
+            if len(self.targets) >= MAX_TARGETS:
+                del self.targets[next(iter(self.targets))]
             self.targets[service] = t
         return t
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        service = request.match_info["service"]
+        # The raw target, never the decoded one: %2F, %3F and %252e reach the target as sent.
+        service, _, rest = request.raw_path[len(PREFIX) :].partition("/")
         if not SERVICE.match(service) or len(service) > 253:
             return error(
                 400,
                 "invalid_service",
                 f"{service!r} is not a service name (name[.namespace][:port])",
             )
-        body = await read_body(request, self.config.max_body_bytes)
+        body = await read_body(request, self.config.max_body_bytes, self.config.body_timeout_s)
         if isinstance(body, web.Response):
             return body
         base = self.resolve(service)
         if base is None:
             return error(404, "unknown_service", f"{service!r} is not in ACCORD_SERVICES")
-        url = f"{base}/{request.match_info['path']}"
-        if request.query_string:
-            url += "?" + request.query_string
+        url = URL(f"{base}/{rest}", encoded=True)
         headers = forward_headers(request.headers)
         target = self.target(service)
         started = time.perf_counter()
         response = await self._call(service, target, request.method, url, headers, body)
         target.latency.observe(time.perf_counter() - started)
-        metrics.OUTBOUND_REQUESTS.labels(service, str(response.status)).inc()
-        metrics.BREAKER_STATE.labels(service).set(target.breaker.state.value)
+        metrics.OUTBOUND_REQUESTS.labels(target.label, str(response.status)).inc()
+        if target.label != metrics.OTHER:
+            metrics.BREAKER_STATE.labels(target.label).set(target.breaker.state.value)
         return response
 
     async def _call(
@@ -139,12 +149,12 @@ class Invoker:
         service: str,
         target: Target,
         method: str,
-        url: str,
+        url: URL,
         headers: CIMultiDict[str],
         body: bytes,
     ) -> web.Response:
         if not target.breaker.allow():
-            metrics.BREAKER_REJECTED.labels(service).inc()
+            metrics.BREAKER_REJECTED.labels(target.label).inc()
             return error(
                 503, "circuit_open", f"circuit breaker for {service} is open; failing fast"
             )
@@ -160,7 +170,7 @@ class Invoker:
             if ok or attempt >= target.policy.max_attempts or not retry_allowed:
                 break
             if not target.budget.try_spend():
-                metrics.RETRIES_DENIED.labels(service).inc()
+                metrics.RETRIES_DENIED.labels(target.label).inc()
                 break
             delay = (
                 retry_after_seconds(resp_headers.get("Retry-After")) if failure is None else None
@@ -171,9 +181,9 @@ class Invoker:
                 break  # the target asked for longer than we may wait: give it its answer
             await asyncio.sleep(delay)
             if not target.breaker.allow():
-                metrics.BREAKER_REJECTED.labels(service).inc()
+                metrics.BREAKER_REJECTED.labels(target.label).inc()
                 break
-            metrics.RETRIES.labels(service).inc()
+            metrics.RETRIES.labels(target.label).inc()
             attempt += 1
         if failure is not None:
             code, message = failure
@@ -183,7 +193,7 @@ class Invoker:
         return out
 
     async def _attempt(
-        self, target: Target, method: str, url: str, headers: CIMultiDict[str], body: bytes
+        self, target: Target, method: str, url: URL, headers: CIMultiDict[str], body: bytes
     ) -> tuple[int, CIMultiDict[str], bytes, tuple[str, str] | None]:
         try:
             async with self.session.request(

@@ -2,11 +2,51 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from collections.abc import Iterable
+
+from prometheus_client import (
+    PLATFORM_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+    disable_created_metrics,
+)
 
 from accord_sidecar import __version__
 
+# One series per counter, not two: the *_created series doubles what Prometheus stores.
+disable_created_metrics()
 REGISTRY = CollectorRegistry()
+ProcessCollector(registry=REGISTRY)  # process_cpu_seconds_total, process_resident_memory_bytes..
+REGISTRY.register(PLATFORM_COLLECTOR)
+
+# Label values are bounded: a caller choosing target or topic names cannot grow the series
+# without end. Configured targets and subscribed topics get their own value; the rest, OTHER.
+OTHER = "other"
+_known_targets: frozenset[str] = frozenset()
+_known_topics: frozenset[str] = frozenset()
+
+
+def configure(targets: Iterable[str], topics: Iterable[str]) -> None:
+    global _known_targets, _known_topics
+    _known_targets = frozenset(targets)
+    _known_topics = frozenset(topics)
+
+
+def target_label(target: str) -> str:
+    if target in _known_targets:
+        return target
+    name = target.partition(":")[0]
+    return name if name in _known_targets else OTHER
+
+
+def topic_label(topic: str) -> str:
+    return topic if topic in _known_topics else OTHER
+
+
 Info("accord_sidecar_build", "Version of the running sidecar.", registry=REGISTRY).info(
     {"version": __version__}
 )

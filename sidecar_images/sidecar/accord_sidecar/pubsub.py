@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import json
 import logging
 import random
@@ -11,17 +13,25 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+import accord_wire as wire
 from accord_sidecar import metrics
-from accord_sidecar.broker.nats import Broker, BrokerUnavailable, durable_name
+from accord_sidecar.broker.nats import Broker, BrokerUnavailable, ConsumerClash, TooLarge
 from accord_sidecar.cloudevents import BATCH, STRUCTURED, EnvelopeError, batch, envelope
 from accord_sidecar.config import TOPIC, Config
 from accord_sidecar.errors import error, read_body
 
 logger = logging.getLogger("accord.sidecar.pubsub")
 BATCH_LIMIT = 1000
+HEADERS = {"Content-Type": STRUCTURED}
 
 
 class Publisher:
+    """POST /v1/publish/<topic>: a structured, binary or plain CloudEvent (or a batch) onto
+    the stream. 200 means stored. 503 means not known to be stored: it may have been, so a
+    retry must carry the same event id (a structured or binary event's own id; for a plain
+    body, the Accord-Idempotency-Key header), and the broker drops the copy within its
+    duplicate window."""
+
     def __init__(self, config: Config, broker: Broker | None) -> None:
         self.config = config
         self.broker = broker
@@ -37,69 +47,66 @@ class Publisher:
             )
         if self.broker is None:
             return error(503, "no_broker", "this sidecar has no broker (ACCORD_NATS_URL)")
-        body = await read_body(request, self.config.max_body_bytes)
+        label = metrics.topic_label(topic)
+        body = await read_body(request, self.config.max_body_bytes, self.config.body_timeout_s)
         if isinstance(body, web.Response):
             return body
         content_type = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
-        if content_type == BATCH:
-            return await self._batch(topic, body)
         try:
-            event = envelope(
-                topic,
-                body,
-                request.headers,
-                source=f"accord://{self.config.namespace}/{self.config.app_id}",
-            )
+            if content_type == BATCH:
+                events = batch(topic, body, BATCH_LIMIT)
+            else:
+                events = [
+                    envelope(
+                        topic,
+                        body,
+                        request.headers,
+                        source=f"accord://{self.config.namespace}/{self.config.app_id}",
+                        event_id=request.headers.get(wire.IDEMPOTENCY_KEY),
+                    )
+                ]
         except EnvelopeError as exc:
-            metrics.PUBLISHED.labels(topic, "invalid").inc()
+            metrics.PUBLISHED.labels(label, "invalid").inc()
             return error(400, "invalid_event", str(exc))
-        try:
-            ack = await self.broker.publish(
-                topic, json.dumps(event).encode(), event["id"], {"Content-Type": STRUCTURED}
-            )
-        except BrokerUnavailable as exc:
-            metrics.PUBLISHED.labels(topic, "unavailable").inc()
-            return error(503, "broker_unavailable", str(exc))
-        metrics.PUBLISHED.labels(topic, "duplicate" if ack.duplicate else "ok").inc()
-        return web.json_response(
-            {"id": event["id"], "sequence": ack.seq, "duplicate": bool(ack.duplicate)}
-        )
-
-    async def _batch(self, topic: str, body: bytes) -> web.Response:
-        """CloudEvents batch mode: all events stored, or a 503 the app retries whole
-        (the broker drops the ones already stored, by id)."""
-        assert self.broker is not None
-        try:
-            events = batch(topic, body, BATCH_LIMIT)
-        except EnvelopeError as exc:
-            metrics.PUBLISHED.labels(topic, "invalid").inc()
-            return error(400, "invalid_event", str(exc))
+        encoded = [json.dumps(e).encode() for e in events]
+        for i, data in enumerate(encoded):
+            try:
+                self.broker.check_size(data, {**HEADERS, "Nats-Msg-Id": events[i]["id"]})
+            except TooLarge as exc:
+                metrics.PUBLISHED.labels(label, "too_large").inc()
+                where = f"event [{i}]: " if content_type == BATCH else ""
+                return error(413, "event_too_large", where + str(exc))
         results = await asyncio.gather(
             *(
-                self.broker.publish(
-                    topic, json.dumps(e).encode(), e["id"], {"Content-Type": STRUCTURED}
-                )
-                for e in events
+                self.broker.publish(topic, data, e["id"], HEADERS)
+                for e, data in zip(events, encoded, strict=True)
             ),
             return_exceptions=True,
         )
-        failed = [
-            e["id"] for e, r in zip(events, results, strict=True) if isinstance(r, BaseException)
-        ]
+        failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
-            metrics.PUBLISHED.labels(topic, "unavailable").inc(len(failed))
+            metrics.PUBLISHED.labels(label, "unavailable").inc(len(failed))
+            if not all(isinstance(r, BrokerUnavailable) for r in failed):
+                raise next(r for r in failed if not isinstance(r, BrokerUnavailable))
+            if content_type != BATCH:
+                return error(
+                    503,
+                    "broker_unavailable",
+                    f"{failed[0]}; the event may have been stored: publish it again with the "
+                    f"same id ({events[0]['id']}) and the broker drops the copy",
+                )
             return error(
                 503,
                 "broker_unavailable",
-                f"{len(failed)} of {len(events)} events not stored; "
+                f"{len(failed)} of {len(events)} events not known to be stored; "
                 "publish the batch again (stored ids are dropped as duplicates)",
             )
         out = []
         for e, ack in zip(events, results, strict=True):
             assert not isinstance(ack, BaseException)
-            metrics.PUBLISHED.labels(topic, "duplicate" if ack.duplicate else "ok").inc()
+            metrics.PUBLISHED.labels(label, "duplicate" if ack.duplicate else "ok").inc()
             out.append({"id": e["id"], "sequence": ack.seq, "duplicate": bool(ack.duplicate)})
-        return web.json_response({"results": out})
+        return web.json_response(out[0] if content_type != BATCH else {"results": out})
 
 
 class Subscriber:
@@ -121,33 +128,55 @@ class Subscriber:
         self.stopping = asyncio.Event()
         self.in_flight: set[asyncio.Task[None]] = set()
         self._sub: Any = None
+        self.problem: str | None = None  # shown on /readyz while delivery is not happening
+        self.label = metrics.topic_label(topic)
 
     async def run(self) -> None:
-        durable = durable_name(self.config.app_id, self.topic)
+        """Fetch and deliver until stopped. Never dies: a broker that is away, or that came
+        back without this consumer (or the stream), is waited for and the consumer made
+        again, with a log line and /readyz saying so meanwhile."""
         bulk = self.config.bulk_max
+        idle = 0
         while not self.stopping.is_set():
             try:
                 if self._sub is None:
-                    self._sub = await self.broker.pull(
+                    await self.broker.wait_connected()
+                    self._sub = await self.broker.consumer(
+                        self.config.app_id,
                         self.topic,
-                        durable,
                         self.config.concurrency * bulk,
                         # A delivery outlives this only if the app hangs past its timeout.
                         ack_wait_s=self.config.timeout_ms / 1000 + 5,
                     )
+                    if self.problem is not None:
+                        logger.info("subscription %s: delivering again", self.topic)
+                    self.problem = None
                 free = self.config.concurrency - len(self.in_flight)
                 if free <= 0:
                     await asyncio.wait(self.in_flight, return_when=asyncio.FIRST_COMPLETED)
                     continue
                 msgs = await self._sub.fetch(batch=free * bulk, timeout=1)
+                idle = 0
             except TimeoutError:
+                # Nothing to fetch. A deleted consumer looks just like that: ask the broker
+                # now and then (this also keeps the lag gauge fresh without /metrics waiting).
+                idle += 1
+                if idle % 5 == 0:
+                    await self._check_consumer()
+                continue
+            except ConsumerClash as exc:
+                self._trouble(str(exc), logging.ERROR)
+                await self._pause(10)
                 continue
             except Exception as exc:  # broker away: keep trying, never die
                 if self.stopping.is_set():
                     break
-                logger.warning("subscription %s: %s", self.topic, exc or type(exc).__name__)
-                await asyncio.sleep(0.5)
+                self._trouble(f"{exc or type(exc).__name__}", logging.WARNING)
+                self._sub = None
+                await self._pause(0.5)
                 continue
+            if msgs:
+                metrics.CONSUMER_LAG.labels(self.label).set(msgs[-1].metadata.num_pending)
             for i in range(0, len(msgs), bulk):
                 task = asyncio.create_task(self._deliver(msgs[i : i + bulk]))
                 self.in_flight.add(task)
@@ -155,20 +184,36 @@ class Subscriber:
             if self.config.concurrency == 1 and self.in_flight:
                 await asyncio.wait(self.in_flight)
 
+    async def _check_consumer(self) -> None:
+        if not self.broker.connected:
+            return
+        try:
+            alive, lag = await self.broker.consumer_alive(self.config.app_id, self.topic)
+        except Exception:
+            return  # the broker is slow or away; the next fetch will tell
+        if not alive:
+            self._trouble(
+                "its consumer is gone from the broker; creating it again", logging.WARNING
+            )
+            self._sub = None
+        elif lag is not None:
+            metrics.CONSUMER_LAG.labels(self.label).set(lag)
+
+    def _trouble(self, problem: str, level: int) -> None:
+        """Log a problem once (not on every retry) and show it on /readyz."""
+        if problem != self.problem:
+            logger.log(level, "subscription %s: %s", self.topic, problem)
+        self.problem = problem
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), timeout=seconds)
+
     async def stop(self, grace_s: float) -> None:
         """Stop fetching, let deliveries in flight finish; unacked events stay on the broker."""
         self.stopping.set()
         if self.in_flight:
             await asyncio.wait(self.in_flight, timeout=grace_s)
-
-    async def lag(self) -> None:
-        if self._sub is None:
-            return
-        try:
-            info = await self._sub.consumer_info()
-        except Exception:
-            return
-        metrics.CONSUMER_LAG.labels(self.topic).set(info.num_pending + info.num_ack_pending)
 
     def _backoff(self, delivered: int) -> float:
         cap = min(
@@ -179,7 +224,7 @@ class Subscriber:
     async def _deliver(self, msgs: list[Any]) -> None:
         for msg in msgs:
             if msg.metadata.num_delivered > 1:
-                metrics.REDELIVERIES.labels(self.topic).inc()
+                metrics.REDELIVERIES.labels(self.label).inc()
         if len(msgs) == 1 and self.config.bulk_max == 1:
             outcomes = [await self._post(msgs[0].data)]
         else:
@@ -190,7 +235,7 @@ class Subscriber:
 
     async def _settle(self, msg: Any, outcome: str, reason: str) -> None:
         delivered = msg.metadata.num_delivered
-        metrics.DELIVERIES.labels(self.topic, outcome).inc()
+        metrics.DELIVERIES.labels(self.label, outcome).inc()
         try:
             if outcome in ("success", "drop"):
                 await msg.ack()
@@ -209,8 +254,8 @@ class Subscriber:
         for m in msgs:
             try:
                 event = json.loads(m.data)
-            except (ValueError, UnicodeDecodeError):
-                event = {"data_base64": m.data.hex()}
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                event = {"data_base64": base64.b64encode(m.data).decode()}
             events.append(event)
             ids.append(str(event.get("id", "")) if isinstance(event, dict) else "")
         url = f"http://{self.config.app_host}:{self.config.app_port}/events/{self.topic}"
@@ -229,7 +274,7 @@ class Subscriber:
             return [("retry", f"app unreachable: {exc or type(exc).__name__}")] * len(msgs)
         try:
             answer = json.loads(body) if body else {}
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             answer = {}
         statuses = answer.get("statuses") if isinstance(answer, dict) else None
         if not isinstance(statuses, list):
@@ -275,7 +320,7 @@ class Subscriber:
             try:
                 parsed = json.loads(body)
                 status = str(parsed.get("status", "")).upper() if isinstance(parsed, dict) else ""
-            except (ValueError, UnicodeDecodeError):
+            except (ValueError, UnicodeDecodeError, RecursionError):
                 status = ""
         if status == "RETRY":
             return "retry", "app asked to retry"
@@ -286,18 +331,28 @@ class Subscriber:
     async def _dead_letter(self, msg: Any, reason: str, delivered: int) -> None:
         try:
             event = json.loads(msg.data)
-            event_id = str(event.get("id", ""))
-        except (ValueError, UnicodeDecodeError, AttributeError):
-            event, event_id = {"data_base64": msg.data.hex()}, ""
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            event = None
+        if not isinstance(event, dict):
+            event = {"data_base64": base64.b64encode(msg.data).decode()}
         dead = {
-            **(event if isinstance(event, dict) else {}),
-            "topic": f"{self.topic}.dlq",
+            **event,
             "deadletterreason": reason[:1000],
             "deadletterdeliveries": delivered,
             "deadlettertopic": self.topic,
         }
-        dlq_id = f"dlq-{event_id or msg.metadata.sequence.stream}"
-        await self.broker.publish(
-            f"{self.topic}.dlq", json.dumps(dead).encode(), dlq_id, {"Content-Type": STRUCTURED}
-        )
-        metrics.DEAD_LETTERED.labels(self.topic).inc()
+        if dead.get("topic", self.topic) == self.topic:  # ours; a user's own is kept
+            dead["topic"] = f"{self.topic}.dlq"
+        dlq_id = f"dlq-{event.get('id') or msg.metadata.sequence.stream}"
+        data = json.dumps(dead).encode()
+        try:
+            self.broker.check_size(data, {**HEADERS, "Nats-Msg-Id": dlq_id})
+        except TooLarge:
+            # The reason made it too big: park it without its data, which stays findable
+            # on the stream at this sequence.
+            dead.pop("data", None)
+            dead.pop("data_base64", None)
+            dead["deadletterdataomitted"] = f"stream sequence {msg.metadata.sequence.stream}"
+            data = json.dumps(dead).encode()
+        await self.broker.publish(f"{self.topic}.dlq", data, dlq_id, HEADERS)
+        metrics.DEAD_LETTERED.labels(self.label).inc()

@@ -113,7 +113,11 @@ class CircuitBreaker:
 class RetryBudget:
     """Retries may add at most `percent`% to the requests of the last `window_s` seconds
     (plus `min_retries` so that a quiet target can still be retried): retries can never
-    multiply load on a failing target (Finagle/Linkerd retry budgets)."""
+    multiply load on a failing target (Finagle/Linkerd retry budgets).
+
+    Counted in one-second buckets, so its memory is the window's length in buckets,
+    whatever the request rate, and nothing is kept per request.
+    """
 
     def __init__(
         self,
@@ -123,24 +127,32 @@ class RetryBudget:
         clock: Clock = time.monotonic,
     ) -> None:
         self.ratio = percent / 100.0
-        self.window_s = window_s
+        self.window = max(1, int(window_s))
         self.min_retries = min_retries
         self.clock = clock
-        self._requests: deque[float] = deque()
-        self._retries: deque[float] = deque()
+        self._buckets: deque[list[int]] = deque()  # [second, requests, retries]
 
-    def _trim(self) -> None:
-        horizon = self.clock() - self.window_s
-        for q in (self._requests, self._retries):
-            while q and q[0] < horizon:
-                q.popleft()
+    def _now(self) -> list[int]:
+        second = int(self.clock())
+        buckets = self._buckets
+        if not buckets or buckets[-1][0] != second:
+            buckets.append([second, 0, 0])
+            while buckets[0][0] <= second - self.window:
+                buckets.popleft()
+        return buckets[-1]
+
+    def __len__(self) -> int:
+        """Buckets held (for tests): never more than the window's seconds."""
+        return len(self._buckets)
 
     def record_request(self) -> None:
-        self._requests.append(self.clock())
+        self._now()[1] += 1
 
     def try_spend(self) -> bool:
-        self._trim()
-        if len(self._retries) < self.min_retries + self.ratio * len(self._requests):
-            self._retries.append(self.clock())
+        bucket = self._now()
+        requests = sum(b[1] for b in self._buckets)
+        retries = sum(b[2] for b in self._buckets)
+        if retries < self.min_retries + self.ratio * requests:
+            bucket[2] += 1
             return True
         return False

@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from accord_sidecar import metrics
 from accord_sidecar.auth import Authenticator
-from accord_sidecar.broker.nats import Broker
+from accord_sidecar.broker.nats import Broker, StreamSettings
 from accord_sidecar.config import Config
 from accord_sidecar.dedup import DedupTable
 from accord_sidecar.errors import error, never_crash
@@ -29,7 +29,20 @@ logger = logging.getLogger("accord.sidecar")
 class Sidecar:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.broker = Broker(config.nats_url) if config.nats_url else None
+        self.broker = (
+            Broker(
+                config.nats_url,
+                StreamSettings(
+                    max_age_s=config.stream_max_age_s,
+                    max_bytes=config.stream_max_bytes,
+                    replicas=config.stream_replicas,
+                    storage=config.stream_storage,
+                    new_consumers_start=config.new_subscriptions_start,
+                ),
+            )
+            if config.nats_url
+            else None
+        )
         self.stop_requested = asyncio.Event()
         self.runners: list[web.AppRunner] = []
         self.subscribers: list[Subscriber] = []
@@ -53,13 +66,12 @@ class Sidecar:
 
     def _inbound(self, inbound: Inbound) -> web.Application:
         app = web.Application(middlewares=[never_crash], client_max_size=self.config.max_body_bytes)
-        app.router.add_route("*", r"/{path:[\s\S]*}", inbound.handle)
+        app.router.add_route("*", r"/{path:[\s\S]*}", inbound.handle, expect_handler=inbound.expect)
         return app
 
     def _admin(self) -> web.Application:
         async def prometheus(_: web.Request) -> web.Response:
-            for s in self.subscribers:
-                await s.lag()
+            # Never waits on the broker: the subscriptions keep their lag gauges fresh.
             return web.Response(
                 body=generate_latest(metrics.REGISTRY),
                 headers={"Content-Type": CONTENT_TYPE_LATEST},
@@ -72,8 +84,17 @@ class Sidecar:
             problems = []
             if self.stop_requested.is_set():
                 problems.append("shutting down")
-            if self.broker is not None and not self.broker.connected:
-                problems.append("broker not connected")
+            if self.broker is not None:
+                if not self.broker.connected:
+                    problems.append(
+                        f"pub/sub: {self.broker.problem or 'broker not connected'} "
+                        "(invoke and inbound calls work)"
+                    )
+                elif self.broker.problem:
+                    problems.append(f"pub/sub: {self.broker.problem}")
+            problems += [
+                f"subscription {s.topic}: {s.problem}" for s in self.subscribers if s.problem
+            ]
             if self.config.app_port is not None and not await self._app_reachable():
                 problems.append(f"app port {self.config.app_port} not reachable")
             if problems:
@@ -114,8 +135,7 @@ class Sidecar:
             c.journal_retention_s,
             c.journal_max_entries,
         )
-        if self.broker is not None:
-            await self.broker.connect()
+        metrics.configure([*c.services, *c.targets], c.subscribe)
         invoker = Invoker(c, self.session)
         inbound = Inbound(c, self.session, Authenticator(c, self.session), dedup, journal)
         publisher = Publisher(c, self.broker)
@@ -124,7 +144,14 @@ class Sidecar:
             ("inbound", self._inbound(inbound), c.bind_host, c.inbound_port),
             ("admin", self._admin(), c.bind_host, c.admin_port),
         ):
-            runner = web.AppRunner(app, access_log=None, shutdown_timeout=c.shutdown_grace_s)
+            runner = web.AppRunner(
+                app,
+                access_log=None,
+                shutdown_timeout=c.shutdown_grace_s,
+                # Headers must arrive within this (aiohttp closes a connection still idle
+                # or half-way through its headers at keep-alive expiry): no slowloris.
+                keepalive_timeout=c.header_timeout_s,
+            )
             await runner.setup()
             site = web.TCPSite(runner, host, port)
             await site.start()
@@ -132,6 +159,8 @@ class Sidecar:
             sockets = site._server.sockets if site._server else []
             self.ports[name] = sockets[0].getsockname()[1] if sockets else port
         if self.broker is not None:
+            # In the background: invoke and inbound serve at once, broker or not.
+            self.tasks.append(asyncio.create_task(self.broker.connect()))
             for topic in c.subscribe:
                 sub = Subscriber(c, self.broker, self.session, topic)
                 self.subscribers.append(sub)

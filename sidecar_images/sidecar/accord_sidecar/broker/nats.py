@@ -3,25 +3,35 @@
 Topic `orders.events` is subject `accord.orders.events` in stream ACCORD; `<topic>.dlq` is
 the dead-letter topic. Publishes carry Nats-Msg-Id = the CloudEvent id, so JetStream's
 duplicate window drops a re-published event.
+
+The broker may be away when the sidecar starts, may go away later, and may come back empty
+(its store lost, the stream or a consumer deleted). None of that stops the sidecar: it
+connects in the background, and recreates the stream and its consumers when they are gone,
+saying so in its log and on /readyz meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import logging
 import re
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import nats
 from nats.aio.client import Client
 from nats.js import JetStreamContext, api
-from nats.js.errors import NotFoundError
+from nats.js.errors import BadRequestError, NoStreamResponseError, NotFoundError
 
 logger = logging.getLogger("accord.sidecar.broker")
 
 STREAM = "ACCORD"
 PREFIX = "accord."
 DUPLICATE_WINDOW_S = 120
+_HEADER_OVERHEAD = len("NATS/1.0\r\n\r\n")
 
 
 def subject(topic: str) -> str:
@@ -29,115 +39,280 @@ def subject(topic: str) -> str:
 
 
 def durable_name(app_id: str, topic: str) -> str:
-    # Durable names may not contain '.', '*', '>' or whitespace.
+    """The consumer of one app on one topic: readable, and injective. Two different
+    (app, topic) pairs never share a consumer (the hash is over the exact pair), so no
+    app receives another app's events, however names are joined or truncated."""
+    readable = re.sub(r"[^A-Za-z0-9_-]", "_", f"{app_id[:60]}-{topic[:60]}")
+    digest = hashlib.sha256(f"{app_id}\n{topic}".encode()).hexdigest()[:16]
+    return f"{readable}-{digest}"
+
+
+def legacy_durable_name(app_id: str, topic: str) -> str:
+    """The name sidecars before 0.2 used (not injective); read only, to carry its position
+    over to the new consumer on upgrade."""
     return re.sub(r"[^A-Za-z0-9_-]", "_", f"{app_id}-{topic}")[:200]
+
+
+def owner(app_id: str, topic: str) -> str:
+    """Written into a consumer's description: whose it is, checked on every bind."""
+    return f"accord app={app_id} topic={topic}"
 
 
 class BrokerUnavailable(Exception):
     """The broker did not acknowledge in time (disconnected or overloaded)."""
 
 
+class TooLarge(Exception):
+    """The event is over the broker's max payload; the message names the limit."""
+
+
+class ConsumerClash(Exception):
+    """The consumer this subscription needs exists and belongs to another subscription."""
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    """The stream's limits and what a new consumer replays (chart values -> env)."""
+
+    max_age_s: int = 0  # 0: kept until max_bytes (or forever)
+    max_bytes: int = -1
+    replicas: int = 1
+    storage: str = "file"
+    new_consumers_start: str = "all"  # "all": from the first stored event; "new": from now
+
+    def config(self) -> api.StreamConfig:
+        return api.StreamConfig(
+            name=STREAM,
+            subjects=[PREFIX + ">"],
+            storage=api.StorageType.MEMORY if self.storage == "memory" else api.StorageType.FILE,
+            duplicate_window=DUPLICATE_WINDOW_S,
+            max_age=float(self.max_age_s) if self.max_age_s else None,
+            max_bytes=self.max_bytes,
+            num_replicas=self.replicas,
+        )
+
+
 class Broker:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, stream: StreamSettings | None = None) -> None:
         self.url = url
+        self.stream = stream or StreamSettings()
         self.nc: Client | None = None
         self.js: JetStreamContext | None = None
+        self.problem: str | None = f"not connected to NATS at {url} yet"
+        self._connected = asyncio.Event()
+        self._stream_lock = asyncio.Lock()
+        self._last_failure_log = 0.0
+        self._recheck: asyncio.Task[None] | None = None
 
     @property
     def connected(self) -> bool:
         return self.nc is not None and self.nc.is_connected
 
-    async def connect(self, timeout: float = 30.0) -> None:
+    @property
+    def max_payload(self) -> int:
+        """The broker's limit on one message (headers included), learnt at connect."""
+        return self.nc.max_payload if self.nc is not None else 1 << 20
+
+    async def wait_connected(self) -> None:
+        await self._connected.wait()
+
+    async def connect(self) -> None:
+        """Connect, retrying forever (meant to run as a background task: cancel it to stop),
+        then make sure the stream exists."""
+
         async def disconnected() -> None:
-            logger.warning("disconnected from NATS; reconnecting")
+            logger.warning("disconnected from NATS at %s; reconnecting", self.url)
 
         async def reconnected() -> None:
-            logger.info("reconnected to NATS")
+            logger.info("reconnected to NATS at %s", self.url)
+            self.problem = None
+            # The broker may be back without its store: have the stream before it is needed.
+            self._recheck = asyncio.create_task(self._ensure_stream_logged())
 
         async def error(exc: Exception) -> None:
-            logger.debug("NATS: %s", exc)
+            # Called on every failed attempt: say it now and then, not 4 times a second.
+            now = time.monotonic()
+            if now - self._last_failure_log > 30:
+                self._last_failure_log = now
+                logger.warning("cannot reach NATS at %s (%s); retrying", self.url, exc)
 
-        deadline = asyncio.get_running_loop().time() + timeout
+        logger.info("connecting to NATS at %s", self.url)
+        self.nc = await nats.connect(
+            self.url,
+            max_reconnect_attempts=-1,  # forever: a broker restart must not kill us
+            reconnect_time_wait=0.25,
+            connect_timeout=2,
+            disconnected_cb=disconnected,
+            reconnected_cb=reconnected,
+            error_cb=error,
+            name="accord-sidecar",
+        )
+        self.js = self.nc.jetstream()
+        logger.info("connected to NATS at %s (max payload %d bytes)", self.url, self.max_payload)
         while True:
             try:
-                self.nc = await nats.connect(
-                    self.url,
-                    max_reconnect_attempts=-1,  # forever: a broker restart must not kill us
-                    reconnect_time_wait=0.25,
-                    connect_timeout=2,
-                    disconnected_cb=disconnected,
-                    reconnected_cb=reconnected,
-                    error_cb=error,
-                    name="accord-sidecar",
-                )
+                await self.ensure_stream()
                 break
-            except Exception as exc:  # nats raises several unrelated types on refusal
-                if asyncio.get_running_loop().time() > deadline:
-                    raise BrokerUnavailable(f"cannot connect to {self.url}: {exc}") from exc
-                await asyncio.sleep(0.5)
-        self.js = self.nc.jetstream()
-        await self.ensure_stream()
+            except Exception as exc:
+                self.problem = f"stream {STREAM} not available: {exc or type(exc).__name__}"
+                logger.warning("%s; retrying", self.problem)
+                await asyncio.sleep(1)
+        self.problem = None
+        self._connected.set()
+
+    async def _ensure_stream_logged(self) -> None:
+        try:
+            await self.ensure_stream()
+        except Exception as exc:
+            self.problem = f"stream {STREAM} not available: {exc or type(exc).__name__}"
+            logger.warning("%s", self.problem)
 
     async def ensure_stream(self) -> None:
+        """The stream exists with our settings: created when missing (a broker that came
+        back empty), updated when its limits differ from the configured ones."""
         assert self.js is not None
-        try:
-            await self.js.stream_info(STREAM)
-        except NotFoundError:
-            await self.js.add_stream(
-                api.StreamConfig(
-                    name=STREAM,
-                    subjects=[PREFIX + ">"],
-                    storage=api.StorageType.FILE,
-                    duplicate_window=DUPLICATE_WINDOW_S,
-                )
+        async with self._stream_lock:
+            want = self.stream.config()
+            try:
+                info = await self.js.stream_info(STREAM)
+            except NotFoundError:
+                try:
+                    await self.js.add_stream(want)
+                    self.problem = None
+                    logger.warning("stream %s was missing on the broker; created it", STREAM)
+                except BadRequestError:
+                    pass  # another sidecar created it first
+                return
+            have = info.config
+            if (have.max_age or None, have.max_bytes, have.num_replicas) != (
+                want.max_age,
+                want.max_bytes,
+                want.num_replicas,
+            ):
+                have.max_age, have.max_bytes = want.max_age, want.max_bytes
+                have.num_replicas = want.num_replicas
+                await self.js.update_stream(have)
+                logger.info("stream %s limits updated to the configured ones", STREAM)
+
+    def check_size(self, data: bytes, headers: dict[str, str]) -> None:
+        size = len(data) + _HEADER_OVERHEAD + sum(len(k) + len(v) + 4 for k, v in headers.items())
+        if size > self.max_payload:
+            raise TooLarge(
+                f"the event is {size} bytes with its envelope; the broker takes at most "
+                f"{self.max_payload} bytes per message (NATS max_payload)"
             )
 
     async def publish(
         self, topic: str, data: bytes, msg_id: str, headers: dict[str, str], timeout: float = 5.0
     ) -> api.PubAck:
-        """Publish and wait for JetStream's ack; retried across reconnects until timeout."""
-        assert self.js is not None
+        """Publish and wait for JetStream's ack; retried across reconnects until timeout.
+        TooLarge at once for a message the broker would refuse."""
+        if self.js is None:
+            raise BrokerUnavailable(self.problem or f"not connected to NATS at {self.url}")
+        headers = {**headers, "Nats-Msg-Id": msg_id}
+        self.check_size(data, headers)
         deadline = asyncio.get_running_loop().time() + timeout
         delay = 0.05
         while True:
             remaining = deadline - asyncio.get_running_loop().time()
             try:
                 return await self.js.publish(
-                    subject(topic),
-                    data,
-                    timeout=max(0.1, min(remaining, 2.0)),
-                    headers={**headers, "Nats-Msg-Id": msg_id},
+                    subject(topic), data, timeout=max(0.1, min(remaining, 2.0)), headers=headers
                 )
+            except NoStreamResponseError as exc:
+                # No stream takes the subject: the broker came back without it.
+                last: Exception = exc
+                try:
+                    await self.ensure_stream()
+                except Exception as again:
+                    last = again
             except Exception as exc:
-                if asyncio.get_running_loop().time() + delay >= deadline:
-                    raise BrokerUnavailable(
-                        f"broker did not acknowledge: {exc or type(exc).__name__}"
-                    ) from exc
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.5)
+                last = exc
+            if asyncio.get_running_loop().time() + delay >= deadline:
+                raise BrokerUnavailable(
+                    f"broker did not acknowledge: {last or type(last).__name__}"
+                ) from last
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
 
-    async def pull(
-        self, topic: str, durable: str, max_ack_pending: int, ack_wait_s: float = 30
+    async def consumer(
+        self, app_id: str, topic: str, max_ack_pending: int, ack_wait_s: float = 30
     ) -> Any:
-        """A durable pull consumer. ack_wait_s: how long an unacked event (its sidecar died
-        mid-delivery) waits before JetStream delivers it again."""
+        """The durable pull subscription of app_id on topic, created when missing (also when
+        the broker lost it). ack_wait_s: how long an unacked event (its sidecar died
+        mid-delivery) waits before JetStream delivers it again. ConsumerClash when the name
+        is taken by another subscription."""
         assert self.js is not None
-        return await self.js.pull_subscribe(
-            subject(topic),
-            durable=durable,
-            stream=STREAM,
-            config=api.ConsumerConfig(
+        durable = durable_name(app_id, topic)
+        try:
+            info = await self.js.consumer_info(STREAM, durable)
+        except NotFoundError as exc:
+            if "stream" in str(exc).lower():
+                await self.ensure_stream()
+            await self._create_consumer(app_id, topic, durable, max_ack_pending, ack_wait_s)
+        else:
+            c = info.config
+            if c.filter_subject != subject(topic) or c.description != owner(app_id, topic):
+                raise ConsumerClash(
+                    f"consumer {durable} on stream {STREAM} is {c.description or 'unlabelled'} "
+                    f"(subject {c.filter_subject}), not {owner(app_id, topic)}; "
+                    "not delivering from it"
+                )
+        return await self.js.pull_subscribe_bind(durable, stream=STREAM)
+
+    async def _create_consumer(
+        self, app_id: str, topic: str, durable: str, max_ack_pending: int, ack_wait_s: float
+    ) -> None:
+        assert self.js is not None
+        start: dict[str, Any] = {
+            "deliver_policy": api.DeliverPolicy.NEW
+            if self.stream.new_consumers_start == "new"
+            else api.DeliverPolicy.ALL
+        }
+        legacy = legacy_durable_name(app_id, topic)
+        try:
+            old = await self.js.consumer_info(STREAM, legacy)
+        except NotFoundError:
+            old = None
+        if old is not None and old.config.filter_subject == subject(topic):
+            # Upgrade: carry on from where the old consumer of this subscription stood.
+            start = {
+                "deliver_policy": api.DeliverPolicy.BY_START_SEQUENCE,
+                "opt_start_seq": (old.ack_floor.stream_seq if old.ack_floor else 0) + 1,
+            }
+        await self.js.add_consumer(
+            STREAM,
+            api.ConsumerConfig(
+                durable_name=durable,
+                description=owner(app_id, topic),
+                filter_subject=subject(topic),
                 ack_policy=api.AckPolicy.EXPLICIT,
-                deliver_policy=api.DeliverPolicy.ALL,
                 max_ack_pending=max_ack_pending,
                 ack_wait=ack_wait_s,
                 max_deliver=-1,  # the sidecar dead-letters itself, with the failure reason
+                **start,
             ),
         )
+        logger.info("created consumer %s for topic %s", durable, topic)
+        if old is not None and old.config.filter_subject == subject(topic):
+            try:
+                await self.js.delete_consumer(STREAM, legacy)
+                logger.info("moved consumer %s to %s", legacy, durable)
+            except NotFoundError:
+                pass
+
+    async def consumer_alive(self, app_id: str, topic: str) -> tuple[bool, int | None]:
+        """(whether the consumer still exists, events not yet acked) from the broker."""
+        assert self.js is not None
+        try:
+            info = await self.js.consumer_info(STREAM, durable_name(app_id, topic), timeout=2)
+        except NotFoundError:
+            return False, None
+        return True, info.num_pending + info.num_ack_pending
 
     async def close(self) -> None:
         if self.nc is not None and not self.nc.is_closed:
-            try:
-                await asyncio.wait_for(self.nc.drain(), timeout=5)
-            except Exception:  # a broker that is down cannot be drained
-                await self.nc.close()
+            with contextlib.suppress(Exception):  # acks sent, then gone; a dead broker waits not
+                await asyncio.wait_for(self.nc.flush(timeout=2), timeout=2)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.nc.close(), timeout=3)
