@@ -7,6 +7,7 @@ GET  /_calls                     every call recorded: method, path, headers, bod
 POST /_behave {"rules": [...]}   how to answer, first matching rule wins:
      {"path": "/flaky", "fail": 2, "status": 503, "retryAfter": "1"}   fail the first 2 calls
      {"path": "/events/orders", "fail": 3, "status": 500}              per event id for events
+     {"path": "/events/orders", "id": "e-1", "status": 500}             only event e-1
      {"path": "/events/orders", "reply": {"status": "DROP"}}
      {"path": "/slow", "delayMs": 2000}
      {"path": "/charge", "status": 402, "body": {"error": "declined"}}
@@ -59,6 +60,7 @@ class Recorder:
         call = {
             "method": request.method,
             "path": request.path,
+            "raw_path": request.raw_path,  # as sent: what a proxy in front must not change
             "query": request.query_string,
             "headers": dict(request.headers),
             "body": body,
@@ -92,6 +94,8 @@ class Recorder:
         for rule in self.rules:
             if rule.get("path") not in (None, request.path):
                 continue
+            if "id" in rule and not (isinstance(body, dict) and body.get("id") == rule["id"]):
+                continue  # a rule for one event only
             if "fail" in rule and n > rule["fail"]:
                 continue
             if "delayMs" in rule:

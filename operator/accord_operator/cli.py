@@ -93,6 +93,7 @@ def _inject(args: argparse.Namespace, settings: Settings) -> int:
         version=__version__,
         nats_url=settings.nats_url,
         native_by_default=args.native == "true",
+        broker_env=settings.broker_env,
     )
     try:
         docs = inject_documents([d for d in yaml.safe_load_all(text) if d is not None], injector)

@@ -152,6 +152,7 @@ async def make_injector(settings: Settings, api: KubeApi) -> Injector:
         native_by_default=native,
         operator_namespace=settings.operator_namespace,
         token_audience=settings.participant_audience,
+        broker_env=settings.broker_env,
     )
 
 

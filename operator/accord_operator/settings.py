@@ -7,7 +7,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from accord_wire import PARTICIPANT_AUDIENCE
+from accord_wire import PARTICIPANT_AUDIENCE, SidecarEnv, check_broker_setting
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
@@ -51,6 +51,8 @@ class Settings:
     # One active controller among replicas: a Lease in operator_namespace (the chart sets it).
     leader_election: bool = False
     identity: str = ""  # who holds the lease: the pod's name, else host and pid
+    # The broker settings every sidecar gets (SidecarEnv.BROKER), as set in our own env.
+    broker_env: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -73,4 +75,9 @@ class Settings:
             leader_election=_choice(env, "ACCORD_LEADER_ELECTION", ("false", "true")) == "true",
             identity=env.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}",
             participant_audience=env.get("ACCORD_PARTICIPANT_AUDIENCE", "") or PARTICIPANT_AUDIENCE,
+            broker_env=tuple(
+                (name, check_broker_setting(name, env[name]))
+                for name in SidecarEnv.BROKER
+                if env.get(name, "").strip()
+            ),
         )

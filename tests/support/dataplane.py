@@ -80,14 +80,24 @@ class Process:
 
 
 class NatsServer(Process):
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, max_payload: int | None = None) -> None:
         self.port = free_port()
         self.store = tmp / "jetstream"
         binary = shutil.which("nats-server") or "/usr/sbin/nats-server"
-        super().__init__(
-            [binary, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.store)],
-            tmp / "nats.log",
-        )
+        argv = [binary, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.store)]
+        if max_payload is not None:
+            conf = tmp / "nats.conf"
+            conf.write_text(f"max_payload: {max_payload}\n")
+            argv += ["-c", str(conf)]
+        super().__init__(argv, tmp / "nats.log")
+
+    def restart(self, *, lose_store: bool = False) -> NatsServer:
+        """Killed and started again on the same port; with lose_store, back empty (no
+        stream, no consumers), as after a lost volume."""
+        self.kill()
+        if lose_store:
+            shutil.rmtree(self.store, ignore_errors=True)
+        return self.start()
 
     @property
     def url(self) -> str:

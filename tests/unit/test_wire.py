@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 import accord_wire as wire
 from accord_operator.injector.config import SIDECAR_NAME, AnnotationError
 from accord_operator.injector.patch import Injector, build_patch
+from accord_operator.settings import Settings
 from accord_sidecar import inbound, resiliency
 from accord_sidecar.config import Config, ConfigError
 
@@ -25,6 +26,15 @@ INJECTOR = Injector(
     nats_url="nats://nats.accord-system:4222",
     native_by_default=True,
     operator_namespace="accord-system",
+    broker_env=Settings.from_env(
+        {
+            wire.SidecarEnv.STREAM_MAX_AGE_S: "3600",
+            wire.SidecarEnv.STREAM_MAX_BYTES: "1000000",
+            wire.SidecarEnv.STREAM_REPLICAS: "3",
+            wire.SidecarEnv.STREAM_STORAGE: "Memory",
+            wire.SidecarEnv.NEW_SUBSCRIPTIONS_START: "new",
+        }
+    ).broker_env,
 )
 # Every annotation that reaches the sidecar's env, set.
 EVERYTHING = {
@@ -104,11 +114,17 @@ def test_every_variable_the_injector_writes_is_read_by_the_sidecar() -> None:
     config = Config.from_env(env)
     assert written - env.asked == set(), "written for the sidecar, never read by it"
     # ...and the wire names them all, so neither side spells one on its own.
-    names = {v for k, v in vars(wire.SidecarEnv).items() if k.isupper()}
+    names = {v for k, v in vars(wire.SidecarEnv).items() if k.isupper() and isinstance(v, str)}
     assert written == names
     # The values mean the same on both sides.
     assert (config.http_port, config.inbound_port, config.admin_port) == (3600, 3601, 9191)
     assert config.app_port == 8080 and config.subscribe == ("orders.created", "payments")
+    assert (config.stream_max_age_s, config.stream_max_bytes, config.stream_replicas) == (
+        3600,
+        1_000_000,
+        3,
+    )
+    assert (config.stream_storage, config.new_subscriptions_start) == ("memory", "new")
     assert (config.retry.max_attempts, config.retry.initial_ms, config.retry.max_ms) == (5, 50, 800)
     assert config.timeout_ms == 3000 and config.log_level == "debug"
     assert config.targets == {"payment": {"timeoutMs": 500, "maxAttempts": 2}}
@@ -214,3 +230,21 @@ async def test_the_operator_retries_a_step_exactly_when_the_wire_says_try_again(
 def test_both_sides_name_the_idempotency_header_alike() -> None:
     assert inbound.IDEMPOTENCY_KEY == wire.IDEMPOTENCY_KEY
     assert resiliency.may_retry_request("POST", {wire.IDEMPOTENCY_KEY.lower(): "k"})
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        (wire.SidecarEnv.STREAM_MAX_AGE_S, "a week"),
+        (wire.SidecarEnv.STREAM_REPLICAS, "7"),
+        (wire.SidecarEnv.STREAM_STORAGE, "disk"),
+        (wire.SidecarEnv.NEW_SUBSCRIPTIONS_START, "latest"),
+    ],
+)
+def test_a_bad_broker_setting_stops_the_operator_naming_it(name: str, value: str) -> None:
+    """Checked once where the chart sets it, so no sidecar fails later on a value the
+    operator passed along."""
+    with pytest.raises(ValueError, match=name):
+        Settings.from_env({name: value})
+    with pytest.raises(ConfigError, match=name):
+        Config.from_env({name: value})

@@ -16,6 +16,16 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
   value: {{ .Values.sidecar.nativeSidecars | quote }}
 - name: ACCORD_NATS_URL
   value: {{ .Values.nats.url | quote }}
+- name: ACCORD_STREAM_MAX_AGE_S
+  value: {{ .Values.nats.stream.maxAgeSeconds | int64 | quote }}
+- name: ACCORD_STREAM_MAX_BYTES
+  value: {{ .Values.nats.stream.maxBytes | int64 | quote }}
+- name: ACCORD_STREAM_REPLICAS
+  value: {{ .Values.nats.stream.replicas | int64 | quote }}
+- name: ACCORD_STREAM_STORAGE
+  value: {{ .Values.nats.stream.storage | quote }}
+- name: ACCORD_NEW_SUBSCRIPTIONS_START
+  value: {{ .Values.nats.newSubscriptionsStart | quote }}
 - name: ACCORD_NAMESPACES
   value: {{ join "," .Values.watchNamespaces | quote }}
 - name: ACCORD_PARTICIPANT_AUDIENCE

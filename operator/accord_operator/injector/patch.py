@@ -36,6 +36,7 @@ class Injector:
     native_by_default: bool  # from the cluster version: native sidecars need >= 1.29
     operator_namespace: str = ""
     token_audience: str = "accord.dev/participant"  # what the inbound port accepts
+    broker_env: tuple[tuple[str, str], ...] = ()  # stream settings, the same for every sidecar
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,7 @@ def sidecar_container(
         Env.MAX_DELIVERIES: config.max_deliveries,
     }
     env += [{"name": k, "value": str(v)} for k, v in optional.items() if v is not None]
+    env += [{"name": k, "value": v} for k, v in injector.broker_env]
 
     def probe(path: str, period: int, failures: int) -> dict[str, Any]:
         return {

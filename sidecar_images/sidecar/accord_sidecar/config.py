@@ -34,11 +34,12 @@ def _int(env: Mapping[str, str], name: str, default: int, lo: int = 0, hi: int =
     return value
 
 
-def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
-    raw = env.get(name, "").strip().lower() or choices[0]
-    if raw not in choices:
-        raise ConfigError(f"{name}={raw!r} is not one of {', '.join(choices)}")
-    return raw
+def _broker(env: Mapping[str, str], name: str, default: str) -> str:
+    """A stream setting, checked by the rule the operator checks it with (accord_wire)."""
+    try:
+        return wire.check_broker_setting(name, env.get(name, "").strip() or default)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _services(raw: str) -> dict[str, str]:
@@ -210,11 +211,11 @@ class Config:
             shutdown_grace_s=_int(env, "ACCORD_SHUTDOWN_GRACE_S", 20, 0, 3600),
             header_timeout_s=_int(env, "ACCORD_HEADER_TIMEOUT_S", 30, 1, 3600),
             body_timeout_s=_int(env, "ACCORD_BODY_TIMEOUT_S", 60, 1, 3600),
-            stream_max_age_s=_int(env, "ACCORD_STREAM_MAX_AGE_S", 0, 0, 10 * 365 * 86400),
-            stream_max_bytes=_int(env, "ACCORD_STREAM_MAX_BYTES", -1, -1, 2**62),
-            stream_replicas=_int(env, "ACCORD_STREAM_REPLICAS", 1, 1, 5),
-            stream_storage=_choice(env, "ACCORD_STREAM_STORAGE", ("file", "memory")),
-            new_subscriptions_start=_choice(env, "ACCORD_NEW_SUBSCRIPTIONS_START", ("all", "new")),
+            stream_max_age_s=int(_broker(env, wire.SidecarEnv.STREAM_MAX_AGE_S, "0")),
+            stream_max_bytes=int(_broker(env, wire.SidecarEnv.STREAM_MAX_BYTES, "-1")),
+            stream_replicas=int(_broker(env, wire.SidecarEnv.STREAM_REPLICAS, "1")),
+            stream_storage=_broker(env, wire.SidecarEnv.STREAM_STORAGE, "file"),
+            new_subscriptions_start=_broker(env, wire.SidecarEnv.NEW_SUBSCRIPTIONS_START, "all"),
             log_level=env.get("ACCORD_LOG_LEVEL", "info").lower(),
             in_cluster=in_cluster or "ACCORD_POD_NAMESPACE" in env,
         )

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from accord_sidecar import metrics
@@ -24,6 +25,22 @@ from accord_sidecar.journal import Journal
 from accord_sidecar.pubsub import Publisher, Subscriber
 
 logger = logging.getLogger("accord.sidecar")
+
+
+class _BrokenRequests(logging.Filter):
+    """aiohttp logs a request that is not HTTP (or a client that vanished) as an ERROR with
+    a traceback. It is the client's fault and already answered 400: one INFO line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError | ConnectionError):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = "refused a malformed request: %s", (str(exc).strip(),)
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+logging.getLogger("aiohttp.server").addFilter(_BrokenRequests())
 
 
 class Sidecar:

@@ -69,6 +69,49 @@ class SidecarEnv:
     CONCURRENCY: Final = "ACCORD_CONCURRENCY"
     BULK_MAX: Final = "ACCORD_BULK_MAX"
     MAX_DELIVERIES: Final = "ACCORD_MAX_DELIVERIES"
+    # The stream and new subscriptions: one setting for the whole cluster (chart values
+    # nats.stream.*), passed from the operator's env to every sidecar unchanged.
+    STREAM_MAX_AGE_S: Final = "ACCORD_STREAM_MAX_AGE_S"
+    STREAM_MAX_BYTES: Final = "ACCORD_STREAM_MAX_BYTES"
+    STREAM_REPLICAS: Final = "ACCORD_STREAM_REPLICAS"
+    STREAM_STORAGE: Final = "ACCORD_STREAM_STORAGE"
+    NEW_SUBSCRIPTIONS_START: Final = "ACCORD_NEW_SUBSCRIPTIONS_START"
+    BROKER: Final = (
+        STREAM_MAX_AGE_S,
+        STREAM_MAX_BYTES,
+        STREAM_REPLICAS,
+        STREAM_STORAGE,
+        NEW_SUBSCRIPTIONS_START,
+    )
+
+
+# Each broker setting's allowed values: (lowest, highest) or the choices.
+BROKER_SETTINGS: Final[dict[str, tuple[int, int] | tuple[str, ...]]] = {
+    SidecarEnv.STREAM_MAX_AGE_S: (0, 10 * 365 * 86400),
+    SidecarEnv.STREAM_MAX_BYTES: (-1, 2**62),
+    SidecarEnv.STREAM_REPLICAS: (1, 5),
+    SidecarEnv.STREAM_STORAGE: ("file", "memory"),
+    SidecarEnv.NEW_SUBSCRIPTIONS_START: ("all", "new"),
+}
+
+
+def check_broker_setting(name: str, raw: str) -> str:
+    """The value as the sidecar reads it; ValueError naming the variable when it is not one
+    the sidecar takes (the operator checks at start, so no sidecar fails on it later)."""
+    allowed = BROKER_SETTINGS[name]
+    value = raw.strip().lower()
+    if isinstance(allowed[0], int):
+        lo, hi = allowed
+        try:
+            number = int(value)
+        except ValueError:
+            raise ValueError(f"{name}={raw!r} is not an integer") from None
+        if not lo <= number <= hi:
+            raise ValueError(f"{name}={number} is out of range ({lo} to {hi})")
+        return str(number)
+    if value not in allowed:
+        raise ValueError(f"{name}={raw!r} is not one of {', '.join(map(str, allowed))}")
+    return value
 
 
 class AppEnv:

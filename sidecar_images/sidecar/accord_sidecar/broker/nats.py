@@ -103,6 +103,8 @@ class Broker:
         self._stream_lock = asyncio.Lock()
         self._last_failure_log = 0.0
         self._recheck: asyncio.Task[None] | None = None
+        self._closing = False
+        self._had_stream = False  # seen once: missing later means the broker lost it
 
     @property
     def connected(self) -> bool:
@@ -121,6 +123,8 @@ class Broker:
         then make sure the stream exists."""
 
         async def disconnected() -> None:
+            if self._closing:
+                return  # ours: not news
             logger.warning("disconnected from NATS at %s; reconnecting", self.url)
 
         async def reconnected() -> None:
@@ -179,10 +183,17 @@ class Broker:
                 try:
                     await self.js.add_stream(want)
                     self.problem = None
-                    logger.warning("stream %s was missing on the broker; created it", STREAM)
+                    if self._had_stream:
+                        logger.warning(
+                            "stream %s was missing on the broker; created it again", STREAM
+                        )
+                    else:
+                        logger.info("created stream %s", STREAM)
                 except BadRequestError:
                     pass  # another sidecar created it first
+                self._had_stream = True
                 return
+            self._had_stream = True
             have = info.config
             if (have.max_age or None, have.max_bytes, have.num_replicas) != (
                 want.max_age,
@@ -311,6 +322,7 @@ class Broker:
         return True, info.num_pending + info.num_ack_pending
 
     async def close(self) -> None:
+        self._closing = True
         if self.nc is not None and not self.nc.is_closed:
             with contextlib.suppress(Exception):  # acks sent, then gone; a dead broker waits not
                 await asyncio.wait_for(self.nc.flush(timeout=2), timeout=2)
