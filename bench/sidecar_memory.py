@@ -35,7 +35,9 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-async def drive(url: str, n: int, concurrency: int, pid: int, marks: int) -> list[tuple[int, float]]:
+async def drive(
+    url: str, n: int, concurrency: int, pid: int, marks: int
+) -> list[tuple[int, float]]:
     samples: list[tuple[int, float]] = []
     done = 0
     step = max(1, n // marks)
@@ -95,8 +97,10 @@ def main() -> int:
           f"after a {args.warmup:,}-request warm-up")  # fmt: skip
     print("RSS as it went (requests: MiB): "
           + ", ".join(f"{d // 1000}k: {m:.1f}" for d, m in samples))  # fmt: skip
-    print(f"RSS after warm-up {before:.1f} MiB, at the end {after:.1f} MiB: "
-          f"growth {after - before:+.1f} MiB, {(after - before) * 2**20 / total:+.1f} B/request")
+    print(
+        f"RSS after warm-up {before:.1f} MiB, at the end {after:.1f} MiB: "
+        f"growth {after - before:+.1f} MiB, {(after - before) * 2**20 / total:+.1f} B/request"
+    )
     return 0
 
 

@@ -436,7 +436,6 @@ def test_a_slow_client_cannot_hold_connections(spawn: Callable[..., Any]) -> Non
         ACCORD_APP_PORT=str(free_port()),
         ACCORD_HEADER_TIMEOUT_S="1",
         ACCORD_BODY_TIMEOUT_S="1",
-        ACCORD_NATS_URL=f"nats://127.0.0.1:{free_port()}",
     )
     for port in (sidecar.http_port, sidecar.inbound_port, sidecar.admin_port):
         s = socket.create_connection(("127.0.0.1", port))
@@ -445,7 +444,7 @@ def test_a_slow_client_cannot_hold_connections(spawn: Callable[..., Any]) -> Non
         s.close()
     # A body that trickles: a 408, and the connection closes.
     s = socket.create_connection(("127.0.0.1", sidecar.http_port))
-    s.send(b"POST /v1/publish/orders HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+    s.send(b"POST /v1/invoke/self/x HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
            b"Content-Type: application/json\r\n\r\n{")  # fmt: skip
     s.settimeout(15)
     assert b" 408 " in s.recv(4096).split(b"\r\n")[0]
