@@ -8,7 +8,7 @@ from typing import Any, Generic, TypeVar
 
 Status = dict[str, Any]
 Event = tuple[str, str, str]  # (type, reason, message)
-Count = tuple[str, tuple[str, ...]]  # (what happened, its labels): a metric increment
+Count = tuple[str, tuple[str | float, ...]]  # (what happened, its labels or value): a metric
 
 C = TypeVar("C")  # a call
 

@@ -143,11 +143,18 @@ class ParticipantStatus(TypedDict):
     acked: NotRequired[bool]
     attempts: NotRequired[int]
     lastError: NotRequired[str]
+    call: NotRequired[str]  # written ahead: prepare, commit or abort is out
+    nextAttemptAt: NotRequired[str]
+    phase2Attempts: NotRequired[int]
+    inDoubt: NotRequired[bool]
+    reached: NotRequired[bool]
 
 
 class TwoPhaseStatus(TypedDict):
     phase: NotRequired[str]
     observedGeneration: NotRequired[int]
+    startedAt: NotRequired[str]
+    finishedAt: NotRequired[str]
     decision: NotRequired[str]
     decidedAt: NotRequired[str]
     reason: NotRequired[str]

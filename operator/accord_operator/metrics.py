@@ -149,3 +149,53 @@ async def serve(
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     return runner
+
+
+# -- TwoPhaseTransaction -----------------------------------------------------------------------
+
+TRANSACTIONS_BY_PHASE = PhaseGauge("accord_transactions", "Transactions driven now, by phase.")
+REGISTRY.register(TRANSACTIONS_BY_PHASE)  # type: ignore[arg-type]
+
+
+class InDoubtGauge:
+    """accord_transaction_participants_in_doubt: participants that have not acknowledged
+    phase 2 after 5 attempts, across transactions, now (from the supervisor's view)."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], int] = lambda: 0
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(
+            "accord_transaction_participants_in_doubt",
+            "Participants in doubt now (phase 2 unacknowledged after 5 attempts; retried).",
+            value=self.source(),
+        )
+
+
+TRANSACTIONS_IN_DOUBT = InDoubtGauge()
+REGISTRY.register(TRANSACTIONS_IN_DOUBT)  # type: ignore[arg-type]
+TRANSACTIONS = Counter(
+    "accord_transactions_total",
+    "Transactions that finished, by outcome (Committed or Aborted).",
+    ["outcome"],
+    registry=REGISTRY,
+)
+TRANSACTION_DECISIONS = Counter(
+    "accord_transaction_decisions_total",
+    "Decisions recorded, by decision (Commit or Abort).",
+    ["decision"],
+    registry=REGISTRY,
+)
+TRANSACTION_PHASE_SECONDS = Histogram(
+    "accord_transaction_phase_duration_seconds",
+    "How long phase 1 (prepare: start to decision) and phase 2 (commit or abort: decision to "
+    "the last acknowledgement) took.",
+    ["phase"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+    registry=REGISTRY,
+)
+TRANSACTIONS_IN_DOUBT_TOTAL = Counter(
+    "accord_transaction_in_doubt_total",
+    "Times a participant became in doubt.",
+    registry=REGISTRY,
+)

@@ -24,11 +24,12 @@ from accord_operator.kubeapi import KubeApi
 from accord_operator.leader import Elector
 from accord_operator.participants import AudienceToken, Participants
 from accord_operator.projection import handlers as projection_handlers
-from accord_operator.resources import GROUP, SAGA
+from accord_operator.resources import GROUP, SAGA, TWO_PHASE
 from accord_operator.saga import handlers as saga_handlers
 from accord_operator.saga.runner import SagaDriver
 from accord_operator.settings import Settings
 from accord_operator.twophase import handlers as twophase_handlers
+from accord_operator.twophase.runner import TpcDriver
 
 logger = logging.getLogger("accord.operator")
 
@@ -64,6 +65,9 @@ def configure(kopf_settings: kopf.OperatorSettings) -> None:
     # selectableFields), so they cost nothing however many there are.
     kopf_settings.watching.field_selectors[GROUP, SAGA.plural] = (
         "status.phase!=Succeeded,status.phase!=Compensated"
+    )
+    kopf_settings.watching.field_selectors[GROUP, TWO_PHASE.plural] = (
+        "status.phase!=Committed,status.phase!=Aborted"
     )
 
 
@@ -182,6 +186,7 @@ async def run(settings: Settings, mode: Mode = Mode.ALL, stop: asyncio.Event | N
         injector=await make_injector(settings, api),
         api=api,
         sagas=SagaDriver(api, participants),
+        transactions=TpcDriver(api, participants),
         namespaces=tuple(settings.namespaces),
     )
     elector = None

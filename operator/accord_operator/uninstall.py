@@ -21,7 +21,7 @@ from accord_operator.resources import API_VERSION, GROUP, KINDS, Kind
 
 logger = logging.getLogger("accord.uninstall")
 # kopf's (older operators put it on sagas) and the saga driver's own.
-FINALIZERS = (f"{GROUP}/finalizer", f"{GROUP}/saga-compensation")
+FINALIZERS = (f"{GROUP}/finalizer", f"{GROUP}/saga-compensation", f"{GROUP}/tpc-phase2")
 _POLL_S = 1.0
 
 

@@ -23,7 +23,6 @@ def operator(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[int]:
 @pytest.mark.parametrize(
     ("file", "kind", "name"),
     [
-        ("tpc-transfer.yaml", "tpc", "transfer-5001"),
         ("projection-orders.yaml", "proj", "orders-by-customer"),
     ],
 )
@@ -62,6 +61,27 @@ def test_operator_accepts_each_kind(
         text = r.read().decode()
     assert "accord_reconciles_total{" in text
     assert 'accord_phase_transitions_total{kind="' in text
+
+
+def test_a_transaction_whose_participants_do_not_exist_aborts_and_finishes(
+    cluster: Cluster, namespace: str, operator: int
+) -> None:
+    """The example's Services are not in this namespace: no prepare can reach them, the
+    prepare timeout aborts it, and an abort needs sending to nobody (none holds anything)."""
+    cluster.apply(example("tpc-transfer.yaml"), namespace)
+    obj = cluster.wait_for(
+        "tpc", "transfer-5001", namespace,
+        lambda o: (o.get("status") or {}).get("phase") == "Aborted", timeout=60,
+    )  # fmt: skip
+    status = obj["status"]
+    assert status["decision"] == "Abort" and "prepare timeout" in status["reason"]
+    assert status["progress"] == "2/2" and status["observedGeneration"] == 1
+    assert [p.get("reached", False) for p in status["participants"]] == [False, False]
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "False" and ready["reason"] == "Aborted"
+    with urllib.request.urlopen(f"http://127.0.0.1:{operator}/metrics") as r:
+        text = r.read().decode()
+    assert 'accord_transactions_total{outcome="Aborted"} 1.0' in text
 
 
 def test_operator_tracks_spec_changes_in_observed_generation(

@@ -541,7 +541,7 @@ async def test_a_status_write_from_a_stale_view_is_refused_not_applied(
     import copy
 
     from accord_operator.kubeapi import KubeApi
-    from accord_operator.saga.runner import KubeStore
+    from accord_operator.store import KubeStore
 
     saga = cluster.apply(example("saga-order.yaml"), namespace)  # no controller runs here
     stale = copy.deepcopy(saga)

@@ -67,6 +67,7 @@ def run_operator(
     *args: str,
     env: dict[str, str] | None = None,
     share_webhook_with: OperatorProcess | None = None,
+    log_name: str | None = None,
 ) -> Iterator[OperatorProcess]:
     """`accord-operator run ARGS` with a certificate made here; stopped with SIGTERM.
 
@@ -82,7 +83,9 @@ def run_operator(
         webhook_port, ca_pem = free_port(), ca.cert_pem
     else:
         webhook_port, ca_pem = share_webhook_with.webhook_port, share_webhook_with.ca_pem
-    log = tmp / f"operator-{metrics_port}.log" if share_webhook_with else tmp / "operator.log"
+    log = tmp / (
+        log_name or (f"operator-{metrics_port}.log" if share_webhook_with else "operator.log")
+    )
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [

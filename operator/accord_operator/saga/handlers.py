@@ -12,7 +12,8 @@ import kopf
 from accord_operator import metrics
 from accord_operator.resources import GROUP, SAGA, VERSION
 from accord_operator.saga import admission
-from accord_operator.saga.runner import SagaSupervisor, sweep
+from accord_operator.saga.runner import sweep
+from accord_operator.supervisor import Supervisor
 
 
 def register_webhooks(registry: kopf.OperatorRegistry) -> None:
@@ -42,14 +43,14 @@ def register_webhooks(registry: kopf.OperatorRegistry) -> None:
 def register(registry: kopf.OperatorRegistry) -> None:
     # The watch shows only sagas the operator still drives (the field selector set in
     # runtime.configure): its events start a task per saga and tell it what changed (see
-    # SagaSupervisor). A plain event handler, not kopf's daemons (kopf would keep every
+    # supervisor.Supervisor). A plain event handler, not kopf's daemons (kopf would keep every
     # object's body in memory) nor @index (kopf holds every worker until the whole listing
     # is indexed, and wakes them all per object: quadratic at start).
-    running: list[SagaSupervisor] = []
+    running: list[Supervisor] = []
 
     @kopf.on.startup(registry=registry)
     async def saga_start(memo: kopf.Memo, **_: Any) -> None:
-        supervisor = SagaSupervisor(memo.sagas)
+        supervisor = Supervisor(memo.sagas)
         running.append(supervisor)
         metrics.SAGAS_BY_PHASE.source = supervisor.phases
         memo.saga_sweeper = asyncio.create_task(sweep(memo.api, memo.namespaces))

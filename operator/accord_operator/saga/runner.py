@@ -5,10 +5,8 @@ optimistic concurrency), its world (real time, Events, metrics) and its calls (s
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
@@ -32,9 +30,10 @@ from accord_operator.saga.machine import (
     needs_controller,
 )
 from accord_operator.saga.steps import perform
+from accord_operator.store import KubeStore, finalizer_removal, hold_finalizer
 from accord_wire import REDRIVE, SKIP_COMPENSATION
 
-__all__ = ["REDRIVE", "SKIP_COMPENSATION", "SagaDriver", "SagaSupervisor", "sweep"]
+__all__ = ["REDRIVE", "SKIP_COMPENSATION", "SagaDriver", "sweep"]
 
 logger = logging.getLogger("accord.saga")
 _locks: dict[str, asyncio.Lock] = {}
@@ -52,6 +51,8 @@ EXPIRES = f"{GROUP}/expires-at"  # label on a finished saga with a TTL: when it 
 class SagaDriver:
     """Runs each saga on the shared driver, one at a time per saga. The saga carries our
     finalizer from before its first call until it is finished (or released on deletion)."""
+
+    kind = SAGA.kind
 
     def __init__(self, api: KubeApi, participants: Participants) -> None:
         self.api = api
@@ -93,23 +94,26 @@ class SagaDriver:
     async def hold(self, saga: dict[str, Any]) -> None:
         """Put our finalizer on the saga, if it is not there yet."""
         meta = saga["metadata"]
-        if FINALIZER in (meta.get("finalizers") or []) or meta.get("deletionTimestamp"):
-            return
-        ops: list[dict[str, Any]] = [
-            {"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER}
-        ]
-        if meta.get("finalizers") is None:
-            ops = [{"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]}]
-        answer = await self.api.request(
-            "PATCH", _path(meta["namespace"], meta["name"]),
-            [{"op": "test", "path": "/metadata/uid", "value": meta["uid"]}, *ops],
-            content_type="application/json-patch+json",
-        )  # fmt: skip
-        meta["finalizers"] = answer["metadata"].get("finalizers")
-        meta["resourceVersion"] = answer["metadata"]["resourceVersion"]
+        await hold_finalizer(self.api, _path(meta["namespace"], meta["name"]), meta, FINALIZER)
 
     async def release(self, namespace: str, name: str, uid: str) -> None:
         await release(self.api, namespace, name, uid, self.last.pop(uid, None))
+
+    def done(self, status: Mapping[str, Any]) -> bool:
+        return not needs_controller(status)
+
+    def let_go(self, annotations: Mapping[str, str]) -> bool:
+        return skip_compensation_asked(annotations)
+
+    def deletion_blocked(self, status: Mapping[str, Any]) -> str | None:
+        """A Failed saga still holds what its compensation could not undo."""
+        if status.get("phase") != "Failed":
+            return None
+        return (
+            f"deletion waits: {status.get('message', 'a compensation failed')}; redrive it, "
+            "or annotate accord.dev/skip-compensation=true to delete it anyway, leaving what "
+            "it holds"
+        )
 
     async def _act(self, call: Call, saga: dict[str, Any], status: dict[str, Any]) -> Outcome:
         started = time.perf_counter()
@@ -136,13 +140,7 @@ async def release(
     if meta["uid"] != uid:
         return  # a new saga under the same name: not ours to touch
     ops: list[dict[str, Any]] = [{"op": "test", "path": "/metadata/uid", "value": uid}]
-    finalizers = meta.get("finalizers") or []
-    if FINALIZER in finalizers:
-        i = finalizers.index(FINALIZER)
-        ops += [
-            {"op": "test", "path": f"/metadata/finalizers/{i}", "value": FINALIZER},
-            {"op": "remove", "path": f"/metadata/finalizers/{i}"},
-        ]
+    ops += finalizer_removal(meta, FINALIZER)
     due = expires_at(saga.get("spec") or {}, saga.get("status"))
     if due is not None and not meta.get("deletionTimestamp"):
         label = EXPIRES.replace("/", "~1")
@@ -195,190 +193,6 @@ COUNTERS: dict[str, Callable[..., None]] = {
     FINISHED_AS: lambda phase: metrics.SAGAS.labels(phase).inc(),
     PHASE: lambda phase: metrics.PHASE_TRANSITIONS.labels(SAGA.kind, phase).inc(),
 }
-
-
-class KubeStore:
-    """A resource's status in the API server, written with optimistic concurrency."""
-
-    def __init__(
-        self, api: KubeApi, path: str, annotations: Callable[[], Mapping[str, str]] | None
-    ) -> None:
-        self.api, self.path, self._annotations = api, path, annotations
-
-    async def read(self) -> dict[str, Any]:
-        obj: dict[str, Any] = await self.api.get(self.path)
-        return obj
-
-    async def refresh(self, obj: dict[str, Any]) -> dict[str, Any]:
-        if self._annotations is not None:
-            meta = {**obj["metadata"], "annotations": dict(self._annotations())}
-        else:
-            meta = (await self.read())["metadata"]
-        return {**obj, "metadata": meta}
-
-    async def write(
-        self, obj: dict[str, Any], status: dict[str, Any], written: dict[str, Any]
-    ) -> dict[str, Any] | None:
-        """Store status over the one we last wrote. None when stored; else the object as it
-        is now, because someone else changed its status or spec (decide again from it). A
-        change of metadata only (kopf's annotations and finalizer) is written over."""
-        meta = obj["metadata"]
-        while not await self._patch(meta, status):
-            fresh = await self.read()
-            if dict(fresh.get("status") or {}) != written or fresh["spec"] != obj["spec"]:
-                logger.info("%s changed meanwhile: deciding again", self.path)
-                return fresh
-            meta.clear()
-            meta.update(fresh["metadata"])
-        return None
-
-    async def _patch(self, meta: dict[str, Any], status: dict[str, Any]) -> bool:
-        """Store the status over the version it was decided from; False if the object
-        changed meanwhile (a stale writer never overwrites a newer decision)."""
-        try:
-            answer = await self.api.request(
-                "PATCH",
-                self.path + "/status",
-                [
-                    # A resourceVersion in the patch is a precondition: 409 if it moved on.
-                    {"op": "replace", "path": "/metadata/resourceVersion",
-                     "value": meta["resourceVersion"]},
-                    {"op": "add", "path": "/status", "value": status},
-                ],
-                content_type="application/json-patch+json",
-            )  # fmt: skip
-        except ApiError as exc:
-            if exc.status == 404:
-                raise kopf.PermanentError(f"{self.path} is gone") from None
-            if exc.status == 409:
-                logger.info("%s changed meanwhile: deciding again", self.path)
-                return False
-            raise
-        meta["resourceVersion"] = answer["metadata"]["resourceVersion"]
-        return True
-
-
-class SagaSupervisor:
-    """One task per saga the operator still drives, started and stopped from the watch
-    events kopf already receives. The watch shows only unfinished sagas (a field selector on
-    status.phase), so a finished saga costs nothing: no task, no memory, no event. (Not
-    kopf daemons: for a resource with daemons kopf keeps every object's body in memory.)
-
-    A saga being deleted is driven with `deleting` (it compensates), then released; a
-    Failed one being deleted waits (it still holds what its compensation could not undo)
-    until it is redriven or annotated accord.dev/skip-compensation."""
-
-    def __init__(self, driver: SagaDriver) -> None:
-        self.driver = driver
-        self.tasks: dict[str, asyncio.Task[None]] = {}  # by uid
-        self.objects: dict[str, dict[str, Any]] = {}  # the latest metadata seen, by uid
-        self.changed: dict[str, asyncio.Event] = {}  # set on each event: look again
-        self.stopping = False
-
-    def phases(self) -> dict[str, int]:
-        """Sagas the operator drives, by phase (the accord_sagas gauge)."""
-        return dict(Counter(str(m.get("phase")) for m in self.objects.values()))
-
-    def see(self, event: Mapping[str, Any]) -> None:
-        obj = event.get("object") or {}
-        meta = obj.get("metadata") or {}
-        uid = str(meta.get("uid", ""))
-        if not uid:
-            return
-        if event.get("type") == "DELETED":  # deleted, or finished (out of the selector)
-            self.objects.pop(uid, None)
-            if uid in self.changed:
-                self.changed[uid].set()
-            return
-        status = obj.get("status") or {}
-        self.objects[uid] = {
-            "annotations": dict(meta.get("annotations") or {}),
-            "deleting": bool(meta.get("deletionTimestamp")),
-            "phase": status.get("phase") or "Pending",
-        }
-        if uid in self.changed:
-            self.changed[uid].set()
-        elif not self.stopping:
-            self.changed[uid] = asyncio.Event()
-            ns, name = str(meta["namespace"]), str(meta["name"])
-            self.tasks[uid] = asyncio.create_task(self._run(ns, name, uid))
-
-    async def _run(self, namespace: str, name: str, uid: str) -> None:
-        changed = self.changed[uid]
-        seen = self.objects[uid]
-        deleting = False
-
-        async def wait(seconds: float) -> bool:
-            """Sleep; stop when the saga left the watch, began its deletion, or the
-            operator stops."""
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), seconds)
-            changed.clear()
-            return self._over(uid) or self.objects[uid]["deleting"] != deleting
-
-        try:
-            while not self._over(uid):
-                changed.clear()
-                seen = self.objects[uid]
-                deleting = seen["deleting"]
-                try:
-                    if deleting and skip_compensation_asked(seen["annotations"]):
-                        logger.info("saga %s/%s deleted without compensating", namespace, name)
-                        await self.driver.release(namespace, name, uid)
-                        return
-                    status = await self.driver.drive(
-                        namespace, name, deleting=deleting, wait=wait,
-                        annotations=lambda last=seen: self.objects.get(uid, last)["annotations"],
-                    )  # fmt: skip
-                    skip = deleting and skip_compensation_asked(
-                        self.objects.get(uid, seen)["annotations"]
-                    )
-                    if not needs_controller(status) or skip:
-                        await self.driver.release(namespace, name, uid)
-                        return
-                    if deleting and status.get("phase") == "Failed":
-                        why = (
-                            f"deletion waits: {status.get('message', 'a compensation failed')};"
-                            " or annotate accord.dev/skip-compensation=true to delete it anyway,"
-                            " leaving what it holds"
-                        )
-                        kopf.warn(
-                            {"apiVersion": f"{GROUP}/{VERSION}", "kind": SAGA.kind,
-                             "metadata": {"namespace": namespace, "name": name, "uid": uid}},
-                            reason="DeletionWaits", message=why,
-                        )  # fmt: skip
-                        logger.warning("saga %s/%s: %s", namespace, name, why)
-                        await wait(DELETE_RETRY_S)  # a redrive or a skip wakes it at once
-                except kopf.PermanentError:
-                    return  # the saga is gone
-                except ApiError as exc:
-                    if exc.status == 404:
-                        return
-                    logger.warning("saga %s/%s: %s; again in 2 s", namespace, name, exc)
-                    await wait(2.0)
-                except Exception:
-                    logger.exception("saga %s/%s: driving failed; again in 2 s", namespace, name)
-                    await wait(2.0)  # an API hiccup must not park a saga for long
-        finally:
-            self.tasks.pop(uid, None)
-            self.changed.pop(uid, None)
-
-    def _over(self, uid: str) -> bool:
-        return self.stopping or uid not in self.objects
-
-    async def stop(self, grace: float = 30.0) -> None:
-        """Let every saga finish its round (store, then tell), then stop."""
-        self.stopping = True
-        for event in self.changed.values():
-            event.set()
-        tasks = list(self.tasks.values())
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=grace)
-            for task in pending:
-                task.cancel()
-
-
-DELETE_RETRY_S = 15.0  # a deletion waiting on a failed compensation looks again this often
 
 
 async def sweep(api: KubeApi, namespaces: tuple[str, ...], every: float = 10.0) -> None:

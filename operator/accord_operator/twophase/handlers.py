@@ -1,4 +1,6 @@
-"""The kopf shell for TWO_PHASE: decorators that call into the domain functions."""
+"""The kopf shell for TwoPhaseTransaction: the watch starts one coordinator task per
+unfinished transaction (supervisor.Supervisor over twophase.runner.TpcDriver); admission
+bounds the payloads."""
 
 from __future__ import annotations
 
@@ -6,8 +8,9 @@ from typing import Any
 
 import kopf
 
-from accord_operator.accept import accept
+from accord_operator import metrics
 from accord_operator.resources import GROUP, TWO_PHASE, VERSION
+from accord_operator.supervisor import Supervisor
 from accord_operator.twophase import admission
 
 
@@ -23,9 +26,22 @@ def register_webhooks(registry: kopf.OperatorRegistry) -> None:
 
 
 def register(registry: kopf.OperatorRegistry) -> None:
-    @kopf.on.create(GROUP, VERSION, TWO_PHASE.plural, id="tpc-accept", registry=registry)
-    @kopf.on.update(
-        GROUP, VERSION, TWO_PHASE.plural, field="spec", id="tpc-observe", registry=registry
-    )
-    async def tpc_accept(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-        accept(TWO_PHASE, body, patch)
+    # As for sagas: the watch shows only unfinished transactions (runtime.configure), and
+    # its events start and wake one coordinator task per transaction.
+    running: list[Supervisor] = []
+
+    @kopf.on.startup(registry=registry)
+    async def tpc_start(memo: kopf.Memo, **_: Any) -> None:
+        supervisor = Supervisor(memo.transactions)
+        running.append(supervisor)
+        metrics.TRANSACTIONS_BY_PHASE.source = supervisor.phases
+        metrics.TRANSACTIONS_IN_DOUBT.source = supervisor.in_doubt
+
+    @kopf.on.event(GROUP, VERSION, TWO_PHASE.plural, id="tpc-watch", registry=registry)
+    async def tpc_watch(event: kopf.RawEvent, **_: Any) -> None:
+        running[0].see(event)
+
+    @kopf.on.cleanup(registry=registry)
+    async def tpc_stop(**_: Any) -> None:
+        if running:
+            await running.pop().stop()

@@ -62,6 +62,7 @@ class Outcome:
     ok: bool = False  # commit/abort: acknowledged
     retryable: bool = False  # no answer we can use, but trying again may give one
     error: str = ""
+    reached: bool = True  # False only when the request certainly never got there
 
 
 Decision = decision.Decision[Call]
@@ -157,8 +158,7 @@ def _phase_one(d: Decision, spec: Spec, parts: dict[str, dict[str, Any]], now: f
     if now >= deadline:
         late = [p for p in st["participants"] if "vote" not in p]
         for p in late:
-            p["vote"] = "Timeout"
-            p.pop("call", None)
+            p["vote"] = "Timeout"  # (a prepare still out is dropped by _decide, as reached)
         _decide(d, "Abort", f"{late[0]['name']} did not vote within the prepare timeout", now)
         return
     wake = deadline
@@ -186,8 +186,13 @@ def _decide(d: Decision, outcome: str, reason: str, now: float) -> None:
     for p in st["participants"]:
         if p.get("call") == "prepare":
             p.pop("call")  # a reply still on its way is only noted
+            p["reached"] = True
         p.pop("nextAttemptAt", None)
         p["phase2Attempts"] = 0
+        if outcome == "Abort" and not p.get("reached"):
+            # No prepare ever got there (the Service was missing, no connection was made):
+            # it holds nothing, and an abort has nothing to undo.
+            p["acked"] = True
     d.counts.append((DECIDED, (outcome,)))
     if "startedAt" in st:
         d.counts.append((PHASE_SECONDS, ("prepare", now - epoch(st["startedAt"]))))
@@ -236,6 +241,8 @@ def record(
         return _finish(d, spec, generation, now, was)
     if p.get("call") == outcome.kind:
         p.pop("call")
+    if outcome.kind == "prepare" and outcome.reached:
+        p["reached"] = True
     if outcome.error:
         p["lastError"] = outcome.error[:ERROR_LIMIT]
     if outcome.kind == "prepare":
@@ -304,16 +311,12 @@ def _finish(d: Decision, spec: Spec, generation: int, now: float, was: str) -> D
             type=type_,
             status="True" if phase in true_in or stalled else "False",
             reason="InDoubt" if stalled else phase,
-            message=st.get("message", phase),
+            message=str(st.get("message") or phase),
             generation=generation,
             now=t,
         )
     st["conditions"] = conditions
     return d
-
-
-def in_doubt(status: Mapping[str, Any] | None) -> int:
-    return sum(bool(p.get("inDoubt")) for p in (status or {}).get("participants") or [])
 
 
 class TpcMachine:

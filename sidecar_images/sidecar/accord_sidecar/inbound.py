@@ -12,7 +12,7 @@ from aiohttp import web
 from yarl import URL
 
 import accord_wire as wire
-from accord_sidecar import metrics
+from accord_sidecar import fence, metrics
 from accord_sidecar.auth import Authenticator, Verdict
 from accord_sidecar.config import Config
 from accord_sidecar.dedup import DedupTable, Stored
@@ -44,6 +44,7 @@ class Inbound:
         self.journal = journal if journal is not None else Journal(None, 7 * 86400, 100_000)
         self._in_flight: dict[str, asyncio.Future[Stored | None]] = {}
         self._actions: dict[str, asyncio.Future[None]] = {}  # saga actions at the app, by pair
+        self._tx_locks: dict[str, asyncio.Lock] = {}  # one 2PC message per transaction at once
 
     async def expect(self, request: web.Request) -> web.StreamResponse | None:
         """Expect: 100-continue: the caller is authenticated before it sends its body."""
@@ -81,6 +82,9 @@ class Inbound:
         body = await read_body(request, self.config.max_body_bytes, self.config.body_timeout_s)
         if isinstance(body, web.Response):
             return body, "refused"
+        phase, txid = request.headers.get(wire.TPC_PHASE), request.headers.get(wire.TRANSACTION)
+        if phase is not None or txid is not None:
+            return await self._transaction(request, body, phase, txid)
         key = request.headers.get(IDEMPOTENCY_KEY)
         if key is None:
             return self._respond(await self._forward(request, body)), "forwarded"
@@ -126,6 +130,46 @@ class Inbound:
                 action.set_result(None)
             self._in_flight.pop(key, None)
             future.set_result(result if result is not None and final(result.status) else None)
+
+    async def _transaction(
+        self, request: web.Request, body: bytes, phase: str | None, txid: str | None
+    ) -> tuple[web.Response, str]:
+        """The 2PC fence: one message of a transaction at a time here; the journal is
+        written (fsynced) before the app is called, and answers what it already knows."""
+        if phase not in wire.TPC_PHASES or not txid or len(txid) > MAX_KEY_LENGTH:
+            return error(
+                400,
+                "invalid_transaction",
+                f"{wire.TPC_PHASE} must be one of {', '.join(wire.TPC_PHASES)} and "
+                f"{wire.TRANSACTION} 1 to {MAX_KEY_LENGTH} characters",
+            ), "refused"
+        kind: fence.Kind = phase  # type: ignore[assignment]
+        key = f"tpc/{txid}"
+        lock = self._tx_locks.setdefault(key, asyncio.Lock())
+        try:
+            async with lock:
+                step = fence.on_message(kind, self.journal.get(key))
+                if step.record is not None:
+                    self.journal.record(key, step.record)
+                if not step.call_app:
+                    assert step.answer is not None
+                    status, answer = step.answer
+                    outcome = "fenced" if status >= 400 else "replayed"
+                    if status >= 400:
+                        metrics.FENCED.inc()
+                        log.warning("transaction %s: %s refused: %s", txid, kind,
+                                    answer["error"]["message"])  # fmt: skip
+                    return web.json_response(answer, status=status), outcome
+                result = await self._forward(request, body)
+                record, status, answer = fence.after_app(
+                    kind, result.status, result.body, wire.try_again(result.status)
+                )
+                if record is not None:
+                    self.journal.record(key, record)
+                return web.json_response(answer, status=status), "forwarded"
+        finally:
+            if not lock.locked() and not getattr(lock, "_waiters", None):
+                self._tx_locks.pop(key, None)
 
     async def _compensation_first(self, pair: str) -> None:
         """The saga fence, compensation side: journaled (durably) before the app sees it, so

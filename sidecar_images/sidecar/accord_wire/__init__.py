@@ -16,6 +16,12 @@ SAGA: Final = "Accord-Saga"  # <namespace>/<name> of the calling saga
 STEP: Final = "Accord-Step"  # the step's name
 REPLAYED: Final = "Accord-Replayed"  # "true": a stored answer, the app was not called again
 ATTEMPTS: Final = "Accord-Attempts"  # how many attempts the sidecar made for an invoke
+# 2PC calls (POST <pathPrefix>/prepare, /commit, /abort): the participant's sidecar fences
+# them by these, whatever the path prefix.
+TRANSACTION: Final = "Accord-Transaction"  # the transaction's uid (its txid)
+TRANSACTION_REF: Final = "Accord-Transaction-Ref"  # <namespace>/<name>, to ask for the outcome
+TPC_PHASE: Final = "Accord-Tpc-Phase"  # prepare | commit | abort
+TPC_PHASES: Final = ("prepare", "commit", "abort")
 
 # -- annotations and labels --------------------------------------------------------------------
 

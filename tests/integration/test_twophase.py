@@ -1,0 +1,193 @@
+"""TwoPhaseTransaction end to end on the local control plane: a real operator, real ledger
+participants with their own databases, behind real sidecars (the fence)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import accord_wire as wire
+from tests.support.cluster import Cluster
+from tests.support.dataplane import request, wait_until
+from tests.support.tpc import TOKEN, TpcBed, tpc_bed
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def bed(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[TpcBed]:
+    with tpc_bed(cluster, namespace, tmp_path, "ledger-a", "ledger-b") as b:
+        b.participants["ledger-a"].ledger.deposit("alice", 10_000)
+        yield b
+
+
+def _transfer(bed: TpcBed, name: str, cents: int, **spec: object) -> dict:
+    return bed.transaction(
+        name,
+        {
+            "ledger-a": {"account": "alice", "amountCents": -cents},
+            "ledger-b": {"account": "bob", "amountCents": cents},
+        },
+        **spec,
+    )
+
+
+def test_all_vote_commit_and_every_participant_commits(bed: TpcBed) -> None:
+    op = bed.start_operator()
+    uid = bed.apply(_transfer(bed, "t1", 5_000))["metadata"]["uid"]
+    tx = bed.wait("t1", "Committed")
+    st = tx["status"]
+    assert st["decision"] == "Commit" and st["progress"] == "2/2"
+    assert [p["vote"] for p in st["participants"]] == ["Commit", "Commit"]
+    assert {c["type"]: c["status"] for c in st["conditions"]} == {
+        "Ready": "True", "Reconciling": "False", "Stalled": "False",
+    }  # fmt: skip
+    assert bed.outcomes(uid) == {"ledger-a": "committed", "ledger-b": "committed"}
+    a, b = (bed.participants[n].ledger.state() for n in ("ledger-a", "ledger-b"))
+    assert a["balances"] == {"alice": 5_000} and b["balances"] == {"bob": 5_000}
+    assert bed.events("t1") == ["Preparing", "DecidedCommit", "Committed"]
+    assert op.metric("accord_transactions_total", outcome="Committed") == 1
+    assert op.metric("accord_transaction_decisions_total", decision="Commit") == 1
+    # Finished: our finalizer is gone, and deleting it takes no time.
+    assert "accord.dev/tpc-phase2" not in (tx["metadata"].get("finalizers") or [])
+    printed = bed.cluster.kubectl("get", "tpc", "t1", "-n", bed.namespace)
+    assert "Committed" in printed and "Commit" in printed and "2/2" in printed
+
+
+def test_one_abort_vote_aborts_everywhere(bed: TpcBed) -> None:
+    bed.start_operator()
+    uid = bed.apply(_transfer(bed, "t2", 50_000))["metadata"]["uid"]  # alice has 10,000
+    st = bed.wait("t2", "Aborted")["status"]
+    assert st["decision"] == "Abort" and "ledger-a" in st["reason"]
+    assert bed.outcomes(uid) == {"ledger-a": "aborted", "ledger-b": "aborted"}
+    assert bed.participants["ledger-b"].ledger.state()["holds"] == {}  # released
+    assert {c["type"]: c["status"] for c in st["conditions"]}["Stalled"] == "True"
+    assert bed.events("t2") == ["Preparing", "DecidedAbort", "Aborted"]
+
+
+def test_a_participant_that_does_not_vote_in_time_aborts_it(bed: TpcBed) -> None:
+    bed.participants["ledger-b"].ledger.behave(delayMs=4000)
+    bed.start_operator()
+    uid = bed.apply(_transfer(bed, "t3", 1_000, prepareTimeoutSeconds=1))["metadata"]["uid"]
+    st = bed.wait("t3", "Aborted")["status"]
+    assert "ledger-b" in st["reason"] and "prepare timeout" in st["reason"]
+    # ledger-b's prepare was still at the app when the abort came: its sidecar let it
+    # finish, then aborted it. Nothing stays held anywhere.
+    wait_until(lambda: bed.outcomes(uid) == {"ledger-a": "aborted", "ledger-b": "aborted"})
+    assert bed.participants["ledger-b"].ledger.state()["holds"] == {}
+
+
+def test_the_operator_killed_before_deciding_presumes_abort(bed: TpcBed) -> None:
+    bed.participants["ledger-b"].ledger.behave(delayMs=3000)
+    op = bed.start_operator()
+    uid = bed.apply(_transfer(bed, "t4", 1_000, prepareTimeoutSeconds=30))["metadata"]["uid"]
+    bed.cluster.wait_for("tpc", "t4", bed.namespace,
+                         lambda o: (o.get("status") or {}).get("phase") == "Preparing")  # fmt: skip
+    op.proc.kill()
+    op.proc.wait()
+    bed.participants["ledger-b"].ledger.behave()
+    bed.start_operator()
+    st = bed.wait("t4", "Aborted")["status"]
+    assert "presumed abort" in st["reason"]
+    wait_until(lambda: bed.outcomes(uid) == {"ledger-a": "aborted", "ledger-b": "aborted"})
+
+
+def test_the_operator_killed_mid_phase_two_finishes_with_the_same_decision(bed: TpcBed) -> None:
+    bed.participants["ledger-b"].ledger.behave(delayMs=1500)  # holds its vote a moment
+    op = bed.start_operator()
+    tx = _transfer(bed, "t5", 2_000)
+    uid = bed.apply(tx)["metadata"]["uid"]
+    # ledger-b answers its commits with 503 for a while: phase 2 is under way, unfinished.
+    wait_until(lambda: bed.participants["ledger-b"].ledger.state()["calls"].get("prepare"))
+    bed.participants["ledger-b"].ledger.behave(fail=3)
+    bed.cluster.wait_for("tpc", "t5", bed.namespace,
+                         lambda o: (o.get("status") or {}).get("decision") is not None)  # fmt: skip
+    op.proc.kill()
+    op.proc.wait()
+    decided = bed.get("t5")["status"]["decision"]
+    bed.start_operator()
+    st = bed.wait("t5", "Committed", "Aborted")["status"]
+    assert st["decision"] == decided
+    expected = "committed" if decided == "Commit" else "aborted"
+    assert bed.outcomes(uid) == {"ledger-a": expected, "ledger-b": expected}
+
+
+def test_deletion_waits_for_phase_two(bed: TpcBed) -> None:
+    ledger_b = bed.participants["ledger-b"].ledger
+    ledger_b.behave(delayMs=1500)  # holds its vote a moment
+    bed.start_operator()
+    uid = bed.apply(_transfer(bed, "t6", 1_000))["metadata"]["uid"]
+    wait_until(lambda: ledger_b.state()["calls"].get("prepare"))
+    ledger_b.behave(fail=6)  # its commit fails a few times
+    bed.cluster.wait_for(
+        "tpc", "t6", bed.namespace, lambda o: (o.get("status") or {}).get("phase") == "Committing"
+    )
+    bed.cluster.kubectl("delete", "tpc", "t6", "-n", bed.namespace, "--wait=false")
+    time.sleep(1)
+    assert bed.get("t6")["metadata"].get("deletionTimestamp")  # still there: phase 2 runs
+    wait_until(
+        lambda: "t6" not in bed.cluster.kubectl("get", "tpc", "-n", bed.namespace, "-o", "name"),
+        timeout=90,
+    )
+    assert bed.outcomes(uid) == {"ledger-a": "committed", "ledger-b": "committed"}
+
+
+def test_a_participant_that_crashes_after_voting_yes_commits_when_back(bed: TpcBed) -> None:
+    ledger_b = bed.participants["ledger-b"].ledger
+    bed.start_operator()
+    ledger_b.behave(delayMs=1500)
+    uid = bed.apply(_transfer(bed, "t7", 1_000))["metadata"]["uid"]
+    bed.cluster.wait_for("tpc", "t7", bed.namespace,
+                         lambda o: (o.get("status") or {}).get("decision") == "Commit")  # fmt: skip
+    ledger_b.kill()  # voted yes (in its own database); its commit now finds nobody
+    time.sleep(2)
+    ledger_b.start()
+    bed.wait("t7", "Committed")
+    assert bed.outcomes(uid) == {"ledger-a": "committed", "ledger-b": "committed"}
+
+
+def test_two_coordinators_racing_agree_on_one_decision(bed: TpcBed) -> None:
+    bed.start_operator()
+    bed.start_operator()  # no leader election: both drive every transaction
+    uids = [bed.apply(_transfer(bed, f"r{i}", 100))["metadata"]["uid"] for i in range(6)]
+    for i, uid in enumerate(uids):
+        st = bed.wait(f"r{i}", "Committed", "Aborted")["status"]
+        expected = "committed" if st["decision"] == "Commit" else "aborted"
+        assert bed.outcomes(uid) == {"ledger-a": expected, "ledger-b": expected}
+        assert bed.events(f"r{i}").count(f"Decided{st['decision']}") >= 1
+        assert f"Decided{'Abort' if st['decision'] == 'Commit' else 'Commit'}" not in bed.events(
+            f"r{i}"
+        )
+
+
+def test_the_fence_answers_abort_before_prepare_and_refuses_an_empty_commit(
+    bed: TpcBed,
+) -> None:
+    """Straight at a participant's sidecar, as a late or reordered message would come."""
+    p = bed.participants["ledger-b"]
+    url = p.sidecar.inbound
+
+    def send(kind: str, txid: str) -> tuple[int, dict]:
+        payload = {"account": "bob", "amountCents": 1}
+        status, body, _ = request(
+            "POST", f"{url}/{kind}", {"txid": txid, "payload": payload},
+            headers={"Authorization": f"Bearer {TOKEN}", wire.TRANSACTION: txid,
+                     wire.TPC_PHASE: kind},
+        )  # fmt: skip
+        return status, body
+
+    assert send("abort", "x1") == (200, {"acked": True, "empty": True})
+    status, body = send("prepare", "x1")  # the late prepare: refused (no suspension)
+    assert status == 200 and body["vote"] == "abort"
+    status, body = send("commit", "x2")  # never prepared
+    assert status == 409 and "never prepared" in body["error"]["message"]
+    assert send("prepare", "x3") == (200, {"vote": "commit"})
+    assert send("prepare", "x3")[1] == {"vote": "commit", "replayed": True}
+    assert send("commit", "x3") == (200, {"acked": True})
+    assert send("commit", "x3")[1] == {"acked": True, "replayed": True}
+    assert send("abort", "x3")[0] == 409  # committed here: an abort is a protocol error
+    calls = p.ledger.state()["calls"]
+    assert calls == {"prepare": 1, "commit": 1}  # only x3's, once each
