@@ -20,6 +20,8 @@ CONTROLLER: Final[Grants] = {
     # ttlSecondsAfterFinished passed; every reconciler patches the status subresource.
     **{("accord.dev", kind): frozenset({"list", "watch", "patch"}) for kind in _KINDS},
     ("accord.dev", "sagaworkflows"): frozenset({"get", "list", "watch", "patch", "delete"}),
+    # The coordinator reads its transaction and puts its finalizer on and takes it off.
+    ("accord.dev", "twophasetransactions"): frozenset({"get", "list", "watch", "patch"}),
     **{("accord.dev", f"{kind}/status"): frozenset({"patch"}) for kind in _KINDS},
     # A job step's pod has blockOwnerDeletion on its saga: clusters enforcing owner
     # references check update on the owner's finalizers when the pod is created.
