@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -31,9 +33,18 @@ EXAMPLES = [
     "saga-order.yaml",
     "saga-order-fails-at-payment.yaml",
     "tpc-transfer.yaml",
+    "tpc-transfer-overdraft.yaml",
     "projection-orders.yaml",
 ]
 SHOP = ("inventory", "payment", "shipping")
+LEDGERS = ("ledger-a", "ledger-b")
+LEDGER_TOKEN = "demo-participant-token"  # what the operator shows the ledgers' sidecars
+SETTLED = {
+    "order-1001": "Succeeded",
+    "order-1002": "Compensated",
+    "transfer-5001": "Committed",
+    "transfer-5002": "Aborted",
+}
 
 
 def start_shop(cp: ControlPlane, tmp: Path) -> tuple[dict[str, int], list[subprocess.Popen[bytes]]]:
@@ -62,9 +73,55 @@ def start_shop(cp: ControlPlane, tmp: Path) -> tuple[dict[str, int], list[subpro
     return ports, procs
 
 
+def start_ledgers(
+    cp: ControlPlane, tmp: Path
+) -> tuple[dict[str, int], list[subprocess.Popen[bytes]]]:
+    """The 2PC participants: two ledgers (each its own SQLite file) behind real sidecars
+    (the fence), reached through ExternalName Services. alice starts with 100.00."""
+    ports: dict[str, int] = {}
+    procs = []
+    for name in LEDGERS:
+        app_port, inbound = free_port(), free_port()
+        ports[name] = inbound
+        with open(tmp / f"{name}.log", "wb") as log:
+            procs.append(subprocess.Popen(
+                [sys.executable, str(ROOT / "examples" / "services" / "ledger.py"),
+                 "--port", str(app_port), "--db", str(tmp / f"{name}.db"), "--name", name],
+                stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
+            ))  # fmt: skip
+        with open(tmp / f"{name}-sidecar.log", "wb") as log:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "accord_sidecar"],
+                env={**os.environ, "ACCORD_APP_PORT": str(app_port),
+                     "ACCORD_INBOUND_PORT": str(inbound), "ACCORD_HTTP_PORT": str(free_port()),
+                     "ACCORD_ADMIN_PORT": str(free_port()), "ACCORD_BIND_HOST": "127.0.0.1",
+                     "ACCORD_SHARED_TOKEN": LEDGER_TOKEN, "ACCORD_APP_ID": name,
+                     "ACCORD_DATA_DIR": str(tmp / f"{name}-sidecar")},
+                stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
+            ))  # fmt: skip
+        _wait_http(f"http://127.0.0.1:{app_port}/_state")
+        if name == "ledger-a":
+            body = json.dumps({"account": "alice", "amountCents": 10_000}).encode()
+            urllib.request.urlopen(f"http://127.0.0.1:{app_port}/_deposit", body, timeout=5)
+        cp.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps(local_service(name)))
+    return ports, procs
+
+
+def _wait_http(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def manifest(name: str, ports: dict[str, int]) -> str:
-    """An example as JSON, its saga steps pointed at the local participants' ports
-    (in a cluster they would use the default, the participant sidecar's port 3501)."""
+    """An example as JSON, its saga steps and transaction participants pointed at the local
+    participants' ports (in a cluster they use the default, the sidecar's port 3501)."""
     doc = yaml.safe_load((ROOT / "examples" / name).read_text())
     steps = doc.get("spec", {}).get("steps", []) if doc["kind"] == "SagaWorkflow" else []
     for saga_step in steps:
@@ -72,6 +129,10 @@ def manifest(name: str, ports: dict[str, int]) -> str:
             http = (saga_step.get(kind) or {}).get("http")
             if http and http["service"] in ports:
                 http["port"] = ports[http["service"]]
+    if doc["kind"] == "TwoPhaseTransaction":
+        for p in doc["spec"]["participants"]:
+            if p["service"] in ports:
+                p["port"] = ports[p["service"]]
     return json.dumps(doc)
 
 
@@ -122,13 +183,20 @@ def main() -> int:
                     "--webhook-port",
                     str(free_port()),
                 ],
-                env={**cp.env(), "ACCORD_METRICS_HOST": "127.0.0.1"},
+                env={
+                    **cp.env(),
+                    "ACCORD_METRICS_HOST": "127.0.0.1",
+                    "ACCORD_PARTICIPANT_TOKEN": LEDGER_TOKEN,
+                },
                 preexec_fn=die_with_parent,
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        step("starting the sample participants (inventory, payment, shipping)")
+        step("starting the sample participants (inventory, payment, shipping; two ledgers)")
         ports, shop = start_shop(cp, cp.dir)
+        ledger_ports, ledgers = start_ledgers(cp, cp.dir)
+        ports.update(ledger_ports)
+        shop += ledgers
         try:
             step("applying the examples")
             for name in EXAMPLES:
@@ -146,10 +214,7 @@ def main() -> int:
                 phases = {
                     i["metadata"]["name"]: (i.get("status") or {}).get("phase") for i in items
                 }
-                settled = (
-                    phases.get("order-1001") == "Succeeded"
-                    and phases.get("order-1002") == "Compensated"
-                )
+                settled = all(phases.get(n) == p for n, p in SETTLED.items())
                 if len(phases) == len(EXAMPLES) and all(phases.values()) and settled:
                     break
                 if operator.poll() is not None:
@@ -159,7 +224,7 @@ def main() -> int:
 
             print_resources(cp)
             step("what the participants did")
-            for role in SHOP:
+            for role in (*SHOP, *LEDGERS):
                 for line in (cp.dir / f"{role}.log").read_text().splitlines():
                     print(f"    {line}")
             if not args.once:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sqlite3
 import sys
 from collections import Counter
@@ -134,9 +133,14 @@ def main() -> None:
         if kind == "prepare" and ledger.behaviour.get("delayMs"):
             await asyncio.sleep(ledger.behaviour["delayMs"] / 1000)
         txid = str(body["txid"])
+        ref = request.headers.get("Accord-Transaction-Ref", txid)
         if kind == "prepare":
-            return web.json_response({"vote": ledger.prepare(txid, body.get("payload") or {})})
+            vote = ledger.prepare(txid, body.get("payload") or {})
+            print(f"{ledger.name}: prepare {ref} -> vote {vote}", flush=True)
+            return web.json_response({"vote": vote})
         (ledger.commit if kind == "commit" else ledger.abort)(txid)
+        balances = ", ".join(f"{a} {c / 100:.2f}" for a, c in ledger.state()["balances"].items())
+        print(f"{ledger.name}: {kind} {ref} -> balances: {balances or 'none'}", flush=True)
         return web.json_response({"ok": True})
 
     async def state(_: web.Request) -> web.Response:
@@ -161,7 +165,6 @@ def main() -> None:
     app.router.add_post("/_behave", behave)
     app.router.add_post("/_deposit", deposit)
     app.router.add_post("/{prefix:.*}{phase:prepare|commit|abort}", phase)
-    print(json.dumps({"listening": args.port}), flush=True)
     web.run_app(app, host="127.0.0.1", port=args.port, print=None, access_log=None)
 
 

@@ -9,7 +9,7 @@ import sys
 from tests.support.cluster import REPO, Cluster
 
 
-def test_demo_shows_a_saga_that_succeeds_and_one_that_compensates(cluster: Cluster) -> None:
+def test_demo_shows_sagas_and_transfers_that_succeed_and_fail(cluster: Cluster) -> None:
     # `cluster` first, so the binaries exist; the demo starts a control plane of its own.
     result = subprocess.run(
         [sys.executable, str(REPO / "hack" / "demo.py"), "--once"],
@@ -21,7 +21,13 @@ def test_demo_shows_a_saga_that_succeeds_and_one_that_compensates(cluster: Clust
     out = result.stdout
     assert re.search(r"sagaworkflow.accord.dev/order-1001\s+Succeeded\s+3/3", out)
     assert re.search(r"sagaworkflow.accord.dev/order-1002\s+Compensated", out)
-    assert re.search(r"twophasetransaction.accord.dev/transfer-5001\s+Pending", out)
+    assert re.search(
+        r"twophasetransaction.accord.dev/transfer-5001\s+Committed\s+Commit\s+2/2", out
+    )
+    assert re.search(r"twophasetransaction.accord.dev/transfer-5002\s+Aborted\s+Abort\s+2/2", out)
+    assert "ledger-a: commit accord-demo/transfer-5001 -> balances: alice 50.00" in out
+    assert "ledger-b: commit accord-demo/transfer-5001 -> balances: bob 50.00" in out
+    assert "ledger-a: prepare accord-demo/transfer-5002 -> vote abort" in out
     assert re.search(r"cqrsprojection.accord.dev/orders-by-customer\s+Pending", out)
     assert "Compensating" in out and "card declined for order 1002" in out
     assert "inventory: /release -> 200" in out

@@ -3,6 +3,7 @@ participants with their own databases, behind real sidecars (the fence)."""
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,8 +11,10 @@ from pathlib import Path
 import pytest
 
 import accord_wire as wire
+from accord_operator.envtest.controlplane import free_port
 from tests.support.cluster import Cluster
-from tests.support.dataplane import request, wait_until
+from tests.support.dataplane import Process, _wait_port, request, wait_until
+from tests.support.saga import SLOW_LINK
 from tests.support.tpc import TOKEN, TpcBed, tpc_bed
 
 pytestmark = pytest.mark.integration
@@ -191,3 +194,55 @@ def test_the_fence_answers_abort_before_prepare_and_refuses_an_empty_commit(
     assert send("abort", "x3")[0] == 409  # committed here: an abort is a protocol error
     calls = p.ledger.state()["calls"]
     assert calls == {"prepare": 1, "commit": 1}  # only x3's, once each
+
+
+def test_a_participant_that_hears_nothing_reads_the_outcome_itself(
+    cluster: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    """ledger-b voted commit; the coordinator died before its commit got through and never
+    came back. ledger-b's sidecar reads the transaction with its own service account (get
+    on twophasetransactions in its namespace, nothing more) and applies the decision."""
+    cluster.kubectl("create", "serviceaccount", "ledger-b", "-n", namespace)
+    cluster.kubectl("create", "role", "tpc-reader", "--verb=get",
+                    "--resource=twophasetransactions.accord.dev", "-n", namespace)  # fmt: skip
+    cluster.kubectl("create", "rolebinding", "tpc-reader", "--role=tpc-reader",
+                    f"--serviceaccount={namespace}:ledger-b", "-n", namespace)  # fmt: skip
+    token = tmp_path / "ledger-b.token"
+    token.write_text(cluster.kubectl("create", "token", "ledger-b", "-n", namespace).strip())
+    assert cluster.cp.dir is not None
+    env = {
+        "ledger-b": {
+            "ACCORD_KUBE_API_URL": cluster.cp.server,
+            "ACCORD_KUBE_CA_FILE": str(cluster.cp.dir / "pki" / "ca.crt"),
+            "ACCORD_KUBE_TOKEN_FILE": str(token),
+            "ACCORD_TPC_OUTCOME_AFTER_S": "1",
+        }
+    }
+    with tpc_bed(cluster, namespace, tmp_path, "ledger-a", "ledger-b", sidecar_env=env) as bed:
+        bed.participants["ledger-a"].ledger.deposit("alice", 10_000)
+        ledger_b = bed.participants["ledger-b"].ledger
+        # ledger-b is reached through a link that holds every commit for a minute.
+        port = free_port()
+        link = Process(
+            [sys.executable, str(SLOW_LINK), "--port", str(port), "--target",
+             bed.participants["ledger-b"].sidecar.inbound, "--hold", "/commit=60000"],
+            tmp_path / "slow-link.log",
+        ).start()  # fmt: skip
+        try:
+            assert link.proc is not None
+            _wait_port(port, link.proc, link.log)
+            op = bed.start_operator()
+            tx = _transfer(bed, "t8", 1_000)
+            tx["spec"]["participants"][1]["port"] = port
+            uid = bed.apply(tx)["metadata"]["uid"]
+            bed.cluster.wait_for(
+                "tpc", "t8", bed.namespace,
+                lambda o: (o.get("status") or {}).get("decision") == "Commit",
+            )  # fmt: skip
+            op.proc.kill()  # the coordinator is gone for good; its commit to b is held
+            op.proc.wait()
+            wait_until(lambda: uid in ledger_b.state()["committed"], timeout=30)
+        finally:
+            link.close()
+        log = bed.participants["ledger-b"].sidecar.log.read_text()
+        assert "applied its recorded commit" in log

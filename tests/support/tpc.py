@@ -136,7 +136,13 @@ class TpcBed:
 
 
 @contextmanager
-def tpc_bed(cluster: Cluster, namespace: str, tmp: Path, *names: str) -> Iterator[TpcBed]:
+def tpc_bed(
+    cluster: Cluster,
+    namespace: str,
+    tmp: Path,
+    *names: str,
+    sidecar_env: dict[str, dict[str, str]] | None = None,
+) -> Iterator[TpcBed]:
     bed = TpcBed(cluster, namespace, tmp)
     with ExitStack() as stack:
         for name in names:
@@ -145,6 +151,7 @@ def tpc_bed(cluster: Cluster, namespace: str, tmp: Path, *names: str) -> Iterato
             sidecar = Sidecar(
                 tmp, f"{name}-sidecar", ACCORD_APP_PORT=str(ledger.port),
                 ACCORD_SHARED_TOKEN=TOKEN, ACCORD_DATA_DIR=str(tmp / f"{name}-data"),
+                **(sidecar_env or {}).get(name, {}),
             ).start()  # fmt: skip
             stack.callback(sidecar.close)
             bed.participants[name] = Participant(ledger, sidecar)

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ssl
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import aiohttp
 
 from accord_sidecar.config import Config
+from accord_sidecar.kube import KubeAccess
 
 _CACHE_TTL_S = 60.0
 
@@ -23,11 +22,6 @@ class Verdict:
     status: int  # 200 allowed, 401 not authenticated, 403 not allowed
     message: str
     identity: str = ""
-
-
-def _read_token(path: str) -> str:
-    # Read on every review: kubelet rotates projected service-account tokens.
-    return Path(path).read_text().strip()
 
 
 def _bearer(header: str | None) -> str | None:
@@ -53,7 +47,7 @@ class Authenticator:
         self.config = config
         self.session = session
         self._cache: dict[str, tuple[float, Verdict]] = {}
-        self._ssl: ssl.SSLContext | None = None
+        self.kube = KubeAccess(config)
 
     async def check(self, authorization: str | None) -> Verdict:
         token = _bearer(authorization)
@@ -82,20 +76,10 @@ class Authenticator:
             self._cache[key] = (time.monotonic(), verdict)
         return verdict
 
-    def _context(self) -> ssl.SSLContext:
-        if self._ssl is None:
-            c = self.config
-            self._ssl = ssl.create_default_context(cafile=c.kube_ca_file or None)
-            if c.kube_client_cert:
-                self._ssl.load_cert_chain(c.kube_client_cert, c.kube_client_key or None)
-        return self._ssl
-
     async def _review(self, token: str) -> Verdict:
         assert self.session is not None
         c = self.config
-        headers = {}
-        if c.kube_token_file:
-            headers["Authorization"] = f"Bearer {_read_token(c.kube_token_file)}"
+        headers = self.kube.headers()
         review = {
             "apiVersion": "authentication.k8s.io/v1",
             "kind": "TokenReview",
@@ -106,7 +90,7 @@ class Authenticator:
                 f"{c.kube_api_url}/apis/authentication.k8s.io/v1/tokenreviews",
                 json=review,
                 headers=headers,
-                ssl=self._context(),
+                ssl=self.kube.context(),
                 timeout=aiohttp.ClientTimeout(total=5),
             ) as r:
                 if r.status == 403:

@@ -4,8 +4,11 @@ forward to the app."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -134,8 +137,6 @@ class Inbound:
     async def _transaction(
         self, request: web.Request, body: bytes, phase: str | None, txid: str | None
     ) -> tuple[web.Response, str]:
-        """The 2PC fence: one message of a transaction at a time here; the journal is
-        written (fsynced) before the app is called, and answers what it already knows."""
         if phase not in wire.TPC_PHASES or not txid or len(txid) > MAX_KEY_LENGTH:
             return error(
                 400,
@@ -144,6 +145,27 @@ class Inbound:
                 f"{wire.TRANSACTION} 1 to {MAX_KEY_LENGTH} characters",
             ), "refused"
         kind: fence.Kind = phase  # type: ignore[assignment]
+        ref = request.headers.get(wire.TRANSACTION_REF, "")
+        prefix = request.raw_path.split("?")[0].removesuffix(f"/{kind}")
+
+        async def call_app() -> Stored:
+            return await self._forward(request, body)
+
+        status, answer, outcome = await self.transaction_step(txid, kind, call_app, ref, prefix)
+        return web.json_response(answer, status=status), outcome
+
+    async def transaction_step(
+        self,
+        txid: str,
+        kind: fence.Kind,
+        call_app: Callable[[], Awaitable[Stored]],
+        ref: str = "",
+        prefix: str = "",
+    ) -> tuple[int, dict[str, Any], str]:
+        """The 2PC fence: one message of a transaction at a time here; the journal is
+        written (fsynced) before the app is called, and answers what it already knows.
+        (status, body, outcome for the metrics). A commit vote also keeps where the
+        transaction lives and the app's path, so the outcome can be asked for later."""
         key = f"tpc/{txid}"
         lock = self._tx_locks.setdefault(key, asyncio.Lock())
         try:
@@ -154,22 +176,53 @@ class Inbound:
                 if not step.call_app:
                     assert step.answer is not None
                     status, answer = step.answer
-                    outcome = "fenced" if status >= 400 else "replayed"
                     if status >= 400:
                         metrics.FENCED.inc()
                         log.warning("transaction %s: %s refused: %s", txid, kind,
                                     answer["error"]["message"])  # fmt: skip
-                    return web.json_response(answer, status=status), outcome
-                result = await self._forward(request, body)
+                    return status, answer, "fenced" if status >= 400 else "replayed"
+                result = await call_app()
                 record, status, answer = fence.after_app(
                     kind, result.status, result.body, wire.try_again(result.status)
                 )
+                if record == fence.VOTED_COMMIT and ref:
+                    self.journal.record(f"tpc-ref/{txid}", json.dumps([ref, prefix]))
                 if record is not None:
                     self.journal.record(key, record)
-                return web.json_response(answer, status=status), "forwarded"
+                return status, answer, "forwarded"
         finally:
             if not lock.locked() and not getattr(lock, "_waiters", None):
                 self._tx_locks.pop(key, None)
+
+    def in_doubt_here(self, older_than_s: float) -> list[tuple[str, str, str, str]]:
+        """Transactions this participant voted commit for, that long ago, and has not
+        finished since: (txid, its state, namespace/name, the app's path prefix). A state
+        of committing or aborting knows the decision; voted-commit must ask for it."""
+        out = []
+        now = time.time()
+        unfinished = (fence.VOTED_COMMIT, fence.COMMITTING, fence.ABORTING)
+        for key, (state, at) in self.journal.items():
+            if not key.startswith("tpc/") or state not in unfinished or now - at < older_than_s:
+                continue
+            txid = key.removeprefix("tpc/")
+            where = self.journal.get(f"tpc-ref/{txid}", touch=False)
+            if isinstance(where, str):
+                ref, prefix = json.loads(where)
+                out.append((txid, state, ref, prefix))
+        return out
+
+    async def apply_outcome(self, txid: str, kind: fence.Kind, prefix: str) -> int:
+        """Deliver a recorded decision to the app, as if the coordinator had: through the
+        fence (so a later coordinator message is answered from the journal)."""
+
+        async def call_app() -> Stored:
+            return await self._call_app(
+                "POST", f"{prefix}/{kind}", {"Content-Type": "application/json",
+                 wire.TRANSACTION: txid, wire.TPC_PHASE: kind}, json.dumps({"txid": txid}).encode()
+            )  # fmt: skip
+
+        status, _, _ = await self.transaction_step(txid, kind, call_app)
+        return status
 
     async def _compensation_first(self, pair: str) -> None:
         """The saga fence, compensation side: journaled (durably) before the app sees it, so
@@ -198,12 +251,15 @@ class Inbound:
         headers = forward_headers(request.headers)
         headers.popall("Authorization", None)  # the caller's credential is for us, not the app
         # The raw target as the caller sent it: nothing decoded or normalised on the way.
-        url = URL(
-            f"http://{self.config.app_host}:{self.config.app_port}{request.raw_path}", encoded=True
-        )
+        return await self._call_app(request.method, request.raw_path, headers, body)
+
+    async def _call_app(
+        self, method: str, raw_path: str, headers: Mapping[str, str], body: bytes
+    ) -> Stored:
+        url = URL(f"http://{self.config.app_host}:{self.config.app_port}{raw_path}", encoded=True)
         try:
             async with self.session.request(
-                request.method,
+                method,
                 url,
                 headers=headers,
                 data=body or None,

@@ -21,6 +21,10 @@ def _decode(d: dict[str, Any]) -> str:
 
 
 class Journal(ExpiringLog[str]):
+    """Saga pairs (state "compensation"), 2PC transactions ("tpc/<txid>": the fence's
+    state) and where a transaction lives ("tpc-ref/<txid>": JSON [namespace/name, path
+    prefix])."""
+
     def __init__(
         self,
         path: Path | None,

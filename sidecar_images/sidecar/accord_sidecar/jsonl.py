@@ -95,6 +95,23 @@ class ExpiringLog(Generic[V]):
     def __len__(self) -> int:
         return len(self._entries)
 
+    def items(self) -> list[tuple[str, tuple[V, float]]]:
+        """Every entry as (key, (value, put at)), expired ones included."""
+        return list(self._entries.items())
+
+    def collect(self, batch: int = 1000) -> int:
+        """Drop up to `batch` expired entries, least recently used first (a bounded step:
+        a big journal is collected a little at a time, never in one long pause)."""
+        now = self.clock()
+        gone = 0
+        for key, (_, at) in list(self._entries.items()):
+            if gone >= batch:
+                break
+            if now - at > self.ttl_s:
+                del self._entries[key]
+                gone += 1
+        return gone
+
     def get(self, key: str, *, touch: bool = True) -> V | None:
         entry = self._entries.get(key)
         if entry is None:

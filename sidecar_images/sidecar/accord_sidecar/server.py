@@ -13,7 +13,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from accord_sidecar import metrics
+from accord_sidecar import metrics, outcome
 from accord_sidecar.auth import Authenticator
 from accord_sidecar.broker.nats import Broker, StreamSettings
 from accord_sidecar.config import Config
@@ -175,6 +175,7 @@ class Sidecar:
             self.runners.append(runner)
             sockets = site._server.sockets if site._server else []
             self.ports[name] = sockets[0].getsockname()[1] if sockets else port
+        self.tasks.append(asyncio.create_task(outcome.watch(c, inbound, self.session)))
         if self.broker is not None:
             # In the background: invoke and inbound serve at once, broker or not.
             self.tasks.append(asyncio.create_task(self.broker.connect()))
