@@ -1,0 +1,163 @@
+"""Benchmark: TwoPhaseTransaction throughput with one operator on the real API server.
+
+Three ledger participants (examples/services/ledger.py, SQLite, fsync) behind real sidecars
+(the fence, fsync), one operator process. Creates N transactions at a steady rate (open
+loop) and prints transactions/s and p50/p99 from create to Committed. In the same run, the
+API server's bare status-patch rate (the same JSON patch with a resourceVersion
+precondition the coordinator sends, from as many writers as transactions in flight): each
+transaction needs at least three status writes, so that rate bounds this one.
+Goal (issue 13): >= 30 tx/s.
+
+    .venv/bin/python bench/tpc_throughput.py [--transactions 300] [--rate 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from accord_operator.envtest import ControlPlane  # noqa: E402
+from accord_operator.kubeapi import KubeApi  # noqa: E402
+from tests.support.cluster import Cluster  # noqa: E402
+from tests.support.tpc import tpc_bed  # noqa: E402
+
+PATH = "/apis/accord.dev/v1alpha1/namespaces/{ns}/twophasetransactions"
+
+
+def ts(s: str) -> float:
+    return datetime.datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp()
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def bare_patch_rate(api: KubeApi, ns: str, writers: int, seconds: float) -> float:
+    """Status patches/s with a resourceVersion precondition, `writers` objects at once."""
+    body = {
+        "apiVersion": "accord.dev/v1alpha1",
+        "kind": "TwoPhaseTransaction",
+        "spec": {"participants": [{"name": "p", "service": "p"}]},
+    }
+    objs = [
+        await api.request("POST", PATH.format(ns=ns), {**body, "metadata": {"name": f"bare-{i}"}})
+        for i in range(writers)
+    ]
+    count = 0
+    stop = time.perf_counter() + seconds
+
+    async def writer(obj: dict[str, Any]) -> None:
+        nonlocal count
+        rv, n = obj["metadata"]["resourceVersion"], 0
+        url = f"{PATH.format(ns=ns)}/{obj['metadata']['name']}/status"
+        while time.perf_counter() < stop:
+            n += 1
+            answer = await api.request(
+                "PATCH", url,
+                [{"op": "replace", "path": "/metadata/resourceVersion", "value": rv},
+                 {"op": "add", "path": "/status", "value": {"phase": "Preparing", "message": str(n)}}],
+                content_type="application/json-patch+json",
+            )  # fmt: skip
+            rv = answer["metadata"]["resourceVersion"]
+            count += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(writer(o) for o in objs))
+    return count / (time.perf_counter() - started)
+
+
+async def create_at_rate(
+    api: KubeApi, ns: str, items: list[dict[str, Any]], rate: float
+) -> dict[str, float]:
+    created: dict[str, float] = {}
+    start = time.perf_counter()
+
+    async def one(i: int, item: dict[str, Any]) -> None:
+        await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
+        created[item["metadata"]["name"]] = time.time()
+        await api.request("POST", PATH.format(ns=ns), item)
+
+    await asyncio.gather(*(one(i, it) for i, it in enumerate(items)))
+    return created
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--transactions", type=int, default=300)
+    parser.add_argument("--rate", type=float, default=40, help="transactions created per second")
+    args = parser.parse_args()
+    ns, bare_ns = "bench-tpc", "bench-bare"
+    with ControlPlane() as cp, tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        cluster = Cluster(cp)
+        from accord_operator.envtest.crds import install_crds
+
+        install_crds(cp, ROOT / "crds")
+        for n in (ns, bare_ns):
+            cluster.kubectl("create", "namespace", n)
+        names = ("ledger-a", "ledger-b", "ledger-c")
+        with tpc_bed(cluster, ns, tmp, *names, sidecar_env={n: {"ACCORD_LOG_LEVEL": "warning"}
+                                                            for n in names}) as bed:  # fmt: skip
+            bed.participants["ledger-a"].ledger.deposit("alice", 10**9)
+            items = [
+                bed.transaction(
+                    f"tx-{i}",
+                    {
+                        "ledger-a": {"account": "alice", "amountCents": -1},
+                        "ledger-b": {"account": "bob", "amountCents": 1},
+                        "ledger-c": {"account": "fees", "amountCents": 0},
+                    },
+                )
+                for i in range(args.transactions)
+            ]
+            op = bed.start_operator()
+
+            async def run() -> tuple[float, dict[str, float]]:
+                api = KubeApi(str(cluster.kubeconfig))
+                try:
+                    created = await create_at_rate(api, ns, items, args.rate)
+                    while True:
+                        listing = await api.get(PATH.format(ns=ns))
+                        done = [
+                            t for t in listing["items"]
+                            if (t.get("status") or {}).get("phase") in ("Committed", "Aborted")
+                        ]  # fmt: skip
+                        if len(done) == args.transactions:
+                            break
+                        await asyncio.sleep(1)
+                    bare = await bare_patch_rate(api, bare_ns, writers=16, seconds=10)
+                    return bare, created
+                finally:
+                    await api.close()
+
+            bare, created = asyncio.run(run())
+            listing = json.loads(cluster.kubectl("get", "tpc", "-n", ns, "-o", "json"))["items"]
+            assert op.proc is not None
+    phases = [t["status"]["phase"] for t in listing]
+    finished = {t["metadata"]["name"]: ts(t["status"]["finishedAt"]) for t in listing}
+    latency = [finished[n] - created[n] for n in finished]
+    wall = max(finished.values()) - min(created.values())
+    print(f"transactions: {args.transactions} x 3 participants (ledger + sidecar each), "
+          f"created at {args.rate:g}/s, one operator")  # fmt: skip
+    print(f"outcomes: {phases.count('Committed')} Committed, {phases.count('Aborted')} Aborted")
+    print(f"throughput: {args.transactions / wall:.1f} tx/s over {wall:.1f} s (goal >= 30)")
+    print(f"create -> Committed: p50 {pct(latency, 0.5) * 1000:.0f} ms, "
+          f"p99 {pct(latency, 0.99) * 1000:.0f} ms")  # fmt: skip
+    print(f"API server bare status patches (16 writers, same patch): {bare:.0f}/s "
+          f"-> at 3 writes per transaction, at most {bare / 3:.0f} tx/s")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
