@@ -38,6 +38,12 @@ def ts(s: str) -> float:
     return datetime.datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp()
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / 100
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -141,9 +147,20 @@ def main() -> int:
                 finally:
                     await api.close()
 
+            cpu_before = {
+                "operator": cpu_s(op.proc.pid),
+                "sidecars": sum(cpu_s(p.sidecar.proc.pid) for p in bed.participants.values()),
+                "ledgers": sum(cpu_s(p.ledger.proc.pid) for p in bed.participants.values()),
+            }
             bare, created = asyncio.run(run())
             listing = json.loads(cluster.kubectl("get", "tpc", "-n", ns, "-o", "json"))["items"]
-            assert op.proc is not None
+            cpu = {
+                "operator": cpu_s(op.proc.pid),
+                "sidecars": sum(cpu_s(p.sidecar.proc.pid) for p in bed.participants.values()),
+                "ledgers": sum(cpu_s(p.ledger.proc.pid) for p in bed.participants.values()),
+            }
+            writes = op.metric("accord_phase_transitions_total", kind="TwoPhaseTransaction",
+                               phase="Committed")  # fmt: skip
     phases = [t["status"]["phase"] for t in listing]
     finished = {t["metadata"]["name"]: ts(t["status"]["finishedAt"]) for t in listing}
     latency = [finished[n] - created[n] for n in finished]
@@ -154,6 +171,9 @@ def main() -> int:
     print(f"throughput: {args.transactions / wall:.1f} tx/s over {wall:.1f} s (goal >= 30)")
     print(f"create -> Committed: p50 {pct(latency, 0.5) * 1000:.0f} ms, "
           f"p99 {pct(latency, 0.99) * 1000:.0f} ms")  # fmt: skip
+    print("CPU seconds used, create to the bare-patch phase's end: "
+          + ", ".join(f"{k} {cpu[k] - cpu_before[k]:.1f}" for k in cpu)
+          + f"; {writes:.0f} committed seen by the operator's metrics")  # fmt: skip
     print(f"API server bare status patches (16 writers, same patch): {bare:.0f}/s "
           f"-> at 3 writes per transaction, at most {bare / 3:.0f} tx/s")  # fmt: skip
     return 0

@@ -20,3 +20,7 @@ class Decision(Generic[C]):
     wake_at: float | None = None  # when something is due, if nothing is called now
     events: list[Event] = field(default_factory=list)
     counts: list[Count] = field(default_factory=list)
+    # False: nothing here must be stored before the calls (none start, no decision taken);
+    # the driver leaves it for the next write. (2PC votes and acknowledgements: a restart
+    # presumes abort or sends phase 2 again, so they need not be stored one by one.)
+    write: bool = True

@@ -127,7 +127,7 @@ class Driver(Generic[C, O]):
         self.status = d.status
         # One write per round: the outcomes of the last calls together with the write-ahead
         # of the next ones.
-        if self.status != self._written:
+        if self.status != self._written and (d.write or self.machine.finished(self.status)):
             fresh = await self.store.write(obj, self.status, self._written)
             if fresh is not None:
                 self._load(fresh)

@@ -57,7 +57,10 @@ def _coordinator_round(w: World, c: int, outcome: Outcome | None) -> World:
     d = machine.decide(OBJ, status, w.now)
     new_json = json.dumps(d.status, sort_keys=True)
     coords = list(w.coords)
-    if new_json != status_json or outcome is not None:
+    # Stored only when the machine says so (or it finished), as the driver does; else kept
+    # in memory (lost if this coordinator dies) and the calls due are still sent.
+    must = d.write or machine.finished(d.status)
+    if must and (new_json != status_json or outcome is not None):
         if version != w.version:  # someone else wrote: re-read, decide again next round
             coords[c] = (w.stored, w.version, flying, False)
             return replace(w, coords=tuple(coords))

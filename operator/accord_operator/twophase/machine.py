@@ -140,6 +140,16 @@ def decide(
             _phase_one(d, spec, parts, now)
     if "decision" in st:
         _phase_two(d, spec, parts, now)
+    marked = {p["name"]: p.get("call") for p in st["participants"]}
+    before = {p["name"]: p.get("call") for p in status.get("participants") or []}
+    # Stored now only when a call starts (written ahead) or the phase or decision moves;
+    # votes and acknowledgements alone wait for that next write.
+    d.write = (
+        any(c and c != before.get(n) for n, c in marked.items())
+        or st.get("phase", "Pending") != was
+        or st.get("decision") != status.get("decision")
+        or bool(d.events)
+    )
     return _finish(d, spec, generation, now, was)
 
 
