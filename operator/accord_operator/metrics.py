@@ -76,16 +76,20 @@ ADMISSION_SECONDS = Histogram(
 
 
 class PhaseGauge:
-    """accord_sagas{phase}: how many sagas are in each phase now. Collected on each scrape
-    from `source` (the controller's index of the watch), so it costs nothing in between."""
+    """A gauge read on each scrape from `source` (the supervisor's view of the watch), so it
+    costs nothing in between: by phase (accord_sagas{phase}), or one value (label None)."""
 
-    def __init__(self, name: str, documentation: str) -> None:
-        self.name, self.documentation = name, documentation
-        self.source: Callable[[], dict[str, int]] = dict
+    def __init__(self, name: str, documentation: str, label: str | None = "phase") -> None:
+        self.name, self.documentation, self.label = name, documentation, label
+        self.source: Callable[[], dict[str, int] | int] = dict
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        family = GaugeMetricFamily(self.name, self.documentation, labels=["phase"])
-        for phase, count in sorted(self.source().items()):
+        value = self.source()
+        if isinstance(value, int):
+            yield GaugeMetricFamily(self.name, self.documentation, value=value)
+            return
+        family = GaugeMetricFamily(self.name, self.documentation, labels=[str(self.label)])
+        for phase, count in sorted(value.items()):
             family.add_metric([phase], count)
         yield family
 
@@ -157,22 +161,12 @@ TRANSACTIONS_BY_PHASE = PhaseGauge("accord_transactions", "Transactions driven n
 REGISTRY.register(TRANSACTIONS_BY_PHASE)  # type: ignore[arg-type]
 
 
-class InDoubtGauge:
-    """accord_transaction_participants_in_doubt: participants that have not acknowledged
-    phase 2 after 5 attempts, across transactions, now (from the supervisor's view)."""
-
-    def __init__(self) -> None:
-        self.source: Callable[[], int] = lambda: 0
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        yield GaugeMetricFamily(
-            "accord_transaction_participants_in_doubt",
-            "Participants in doubt now (phase 2 unacknowledged after 5 attempts; retried).",
-            value=self.source(),
-        )
-
-
-TRANSACTIONS_IN_DOUBT = InDoubtGauge()
+TRANSACTIONS_IN_DOUBT = PhaseGauge(
+    "accord_transaction_participants_in_doubt",
+    "Participants in doubt now (phase 2 unacknowledged after 5 attempts; retried).",
+    label=None,
+)
+TRANSACTIONS_IN_DOUBT.source = lambda: 0
 REGISTRY.register(TRANSACTIONS_IN_DOUBT)  # type: ignore[arg-type]
 TRANSACTIONS = Counter(
     "accord_transactions_total",

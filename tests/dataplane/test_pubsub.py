@@ -9,7 +9,14 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from tests.support.dataplane import NatsServer, Recorder, Sidecar, request, wait_until
+from tests.support.dataplane import (
+    NatsServer,
+    Recorder,
+    Sidecar,
+    request,
+    subscriber,
+    wait_until,
+)
 
 
 def _publisher(spawn: Callable[..., Any], nats: NatsServer) -> Sidecar:
@@ -20,17 +27,7 @@ def _publisher(spawn: Callable[..., Any], nats: NatsServer) -> Sidecar:
 def _subscriber(
     spawn: Callable[..., Any], nats: NatsServer, app: Recorder, topic: str = "orders", **env: str
 ) -> Sidecar:
-    sidecar: Sidecar = spawn(
-        Sidecar,
-        f"projector-{topic.replace('.', '-')}",
-        ACCORD_NATS_URL=nats.url,
-        ACCORD_SUBSCRIBE=topic,
-        ACCORD_APP_PORT=str(app.port),
-        ACCORD_REDELIVERY_INITIAL_MS="20",
-        ACCORD_REDELIVERY_MAX_MS="100",
-        **env,
-    )
-    return sidecar
+    return subscriber(spawn, nats.url, f"projector-{topic.replace('.', '-')}", topic, app, **env)
 
 
 def _publish(sidecar: Sidecar, topic: str, data: Any, **headers: str) -> tuple[int, Any]:

@@ -221,3 +221,21 @@ def wait_until(
             return last
         time.sleep(interval)
     raise AssertionError(message or f"condition not met in {timeout}s (last: {last!r})")
+
+
+def subscriber(
+    spawn: Any, nats_url: str, name: str, topic: str, app: Recorder, **env: str
+) -> Sidecar:
+    """A sidecar subscribed to `topic` (comma-separated topics too) for `app`, with quick
+    redeliveries, spawned by the test's `spawn` fixture."""
+    sidecar: Sidecar = spawn(
+        Sidecar,
+        name,
+        ACCORD_NATS_URL=nats_url,
+        ACCORD_SUBSCRIBE=topic,
+        ACCORD_APP_PORT=str(app.port),
+        ACCORD_REDELIVERY_INITIAL_MS="20",
+        ACCORD_REDELIVERY_MAX_MS="100",
+        **env,
+    )
+    return sidecar

@@ -10,10 +10,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
-import kopf
-
 from accord_operator import metrics
-from accord_operator.decision import Decision
 from accord_operator.driver import Driver
 from accord_operator.kubeapi import ApiError, KubeApi
 from accord_operator.participants import Participants
@@ -31,6 +28,7 @@ from accord_operator.saga.machine import (
 )
 from accord_operator.saga.steps import perform
 from accord_operator.store import KubeStore, finalizer_removal, hold_finalizer
+from accord_operator.world import KubeWorld
 from accord_wire import REDRIVE, SKIP_COMPENSATION
 
 __all__ = ["REDRIVE", "SKIP_COMPENSATION", "SagaDriver", "sweep"]
@@ -81,7 +79,10 @@ class SagaDriver:
             if needs_controller(saga.get("status")) and not deleting:
                 await self.hold(saga)  # before any call: a deletion must compensate first
             loop: Driver[Call, Outcome] = Driver(
-                SagaMachine(deleting=deleting), store, self._act, SagaWorld(wait)
+                SagaMachine(deleting=deleting),
+                store,
+                self._act,
+                KubeWorld(SAGA.kind, "saga", logger, COUNTERS, wait),
             )
             await loop.start(saga)
             # A Failed saga is watched for a redrive; any other terminal one is done.
@@ -159,32 +160,6 @@ async def release(
             raise
         if exc.status != 404:
             await release(api, namespace, name, uid)
-
-
-class SagaWorld:
-    """Real time, kopf's stop flag, and Events and metrics once a decision is stored."""
-
-    def __init__(self, wait: Callable[[float], Awaitable[bool]] | None) -> None:
-        self._wait = wait
-
-    def now(self) -> float:
-        return time.time()
-
-    async def wait(self, seconds: float) -> bool:
-        if self._wait is None:
-            await asyncio.sleep(seconds)
-            return False
-        return await self._wait(seconds)
-
-    def tell(self, obj: dict[str, Any], decision: Decision[Any]) -> None:
-        meta = obj["metadata"]
-        for kind, reason, message in decision.events:
-            kopf.event(obj, type=kind, reason=reason, message=message)
-            log = logger.warning if kind == "Warning" else logger.info
-            log("saga %s/%s: %s: %s", meta["namespace"], meta["name"], reason, message)
-        for what, labels in decision.counts:
-            COUNTERS[what](*labels)
-        metrics.RECONCILES.labels(SAGA.kind, "ok").inc()
 
 
 COUNTERS: dict[str, Callable[..., None]] = {

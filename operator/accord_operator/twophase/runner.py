@@ -5,15 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-import kopf
-
 import accord_wire as wire
 from accord_operator import metrics
-from accord_operator.decision import Decision
 from accord_operator.driver import Driver
 from accord_operator.kubeapi import KubeApi
 from accord_operator.participants import Participants, ServiceNotFound
@@ -30,6 +26,7 @@ from accord_operator.twophase.machine import (
     Outcome,
     TpcMachine,
 )
+from accord_operator.world import KubeWorld
 
 logger = logging.getLogger("accord.tpc")
 FINALIZER = f"{GROUP}/tpc-phase2"  # deletion waits until every participant acknowledged
@@ -66,7 +63,10 @@ class TpcDriver:
             if (tx.get("status") or {}).get("phase") not in TERMINAL and not deleting:
                 await hold_finalizer(self.api, path(namespace, name), tx["metadata"], FINALIZER)
             loop: Driver[Call, Outcome] = Driver(
-                TpcMachine(deleting=deleting), store, self._act, TpcWorld(wait)
+                TpcMachine(deleting=deleting),
+                store,
+                self._act,
+                KubeWorld(TWO_PHASE.kind, "transaction", logger, COUNTERS, wait),
             )
             await loop.start(tx)
             return await loop.run(watch_finished=False)
@@ -125,32 +125,6 @@ async def perform(call: Call, tx: Mapping[str, Any], participants: Participants)
     reached = answer.unknown or answer.status != 0  # it answered, or the request may have got there
     return Outcome(call.participant, "prepare", retryable=answer.retryable, error=answer.error,
                    reached=reached)  # fmt: skip
-
-
-class TpcWorld:
-    """Real time, the supervisor's stop flag, and Events and metrics once stored."""
-
-    def __init__(self, wait: Callable[[float], Awaitable[bool]] | None) -> None:
-        self._wait = wait
-
-    def now(self) -> float:
-        return time.time()
-
-    async def wait(self, seconds: float) -> bool:
-        if self._wait is None:
-            await asyncio.sleep(seconds)
-            return False
-        return await self._wait(seconds)
-
-    def tell(self, obj: dict[str, Any], decision: Decision[Any]) -> None:
-        meta = obj["metadata"]
-        for kind, reason, message in decision.events:
-            kopf.event(obj, type=kind, reason=reason, message=message)
-            log = logger.warning if kind == "Warning" else logger.info
-            log("transaction %s/%s: %s: %s", meta["namespace"], meta["name"], reason, message)
-        for what, labels in decision.counts:
-            COUNTERS[what](*labels)
-        metrics.RECONCILES.labels(TWO_PHASE.kind, "ok").inc()
 
 
 COUNTERS: dict[str, Callable[..., None]] = {
