@@ -216,13 +216,19 @@ class Broker:
     async def publish(
         self, topic: str, data: bytes, msg_id: str, headers: dict[str, str], timeout: float = 5.0
     ) -> api.PubAck:
-        """Publish and wait for JetStream's ack; retried across reconnects until timeout.
-        TooLarge at once for a message the broker would refuse."""
-        if self.js is None:
-            raise BrokerUnavailable(self.problem or f"not connected to NATS at {self.url}")
+        """Publish and wait for JetStream's ack; retried across reconnects (and waiting for
+        the first connection) until timeout. TooLarge at once for a message the broker
+        would refuse."""
         headers = {**headers, "Nats-Msg-Id": msg_id}
         self.check_size(data, headers)
         deadline = asyncio.get_running_loop().time() + timeout
+        if not self._connected.is_set():
+            # Still connecting (the sidecar has just started): wait for it, as a publish
+            # waits across a reconnect, within the same time.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._connected.wait(), timeout)
+            if self.js is None or not self._connected.is_set():
+                raise BrokerUnavailable(self.problem or f"not connected to NATS at {self.url}")
         delay = 0.05
         while True:
             remaining = deadline - asyncio.get_running_loop().time()
