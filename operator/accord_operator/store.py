@@ -105,16 +105,21 @@ def finalizer_removal(meta: dict[str, Any], finalizer: str) -> list[dict[str, An
     ]
 
 
-async def drop_finalizer(api: KubeApi, path: str, uid: str, finalizer: str) -> None:
+async def drop_finalizer(
+    api: KubeApi, path: str, uid: str, finalizer: str, known: dict[str, Any] | None = None
+) -> None:
     """Remove `finalizer` from the object with that uid; gone or changed meanwhile is fine
-    (a changed object is looked at again)."""
+    (a changed object is looked at again). `known`: the object as last seen, tried first
+    (no read)."""
     for _ in range(5):
-        try:
-            obj = await api.get(path)
-        except ApiError as exc:
-            if exc.status == 404:
-                return
-            raise
+        obj, known = known, None
+        if obj is None:
+            try:
+                obj = await api.get(path)
+            except ApiError as exc:
+                if exc.status == 404:
+                    return
+                raise
         meta = obj["metadata"]
         ops = finalizer_removal(meta, finalizer)
         if meta["uid"] != uid or not ops:

@@ -46,6 +46,7 @@ class TpcDriver:
     def __init__(self, api: KubeApi, participants: Participants) -> None:
         self.api = api
         self.participants = participants
+        self.last: dict[str, dict[str, Any]] = {}  # the object as a drive left it, by uid
 
     async def drive(
         self,
@@ -69,10 +70,14 @@ class TpcDriver:
                 KubeWorld(TWO_PHASE.kind, "transaction", logger, COUNTERS, wait),
             )
             await loop.start(tx)
-            return await loop.run(watch_finished=False)
+            status = await loop.run(watch_finished=False)
+            if loop.obj is not None:  # for release: no re-read
+                self.last[tx["metadata"]["uid"]] = loop.obj
+            return status
 
     async def release(self, namespace: str, name: str, uid: str) -> None:
-        await drop_finalizer(self.api, path(namespace, name), uid, FINALIZER)
+        known = self.last.pop(uid, None)
+        await drop_finalizer(self.api, path(namespace, name), uid, FINALIZER, known)
         _locks.pop(uid, None)
 
     def done(self, status: Mapping[str, Any]) -> bool:
