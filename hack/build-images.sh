@@ -22,7 +22,7 @@ declare -A dockerfile=(
   [sidecar]=sidecar_images/sidecar/Dockerfile
   [samples]=examples/services/Dockerfile
 )
-declare -A context=([operator]=. [sidecar]=sidecar_images/sidecar [samples]=examples/services)
+declare -A context=([operator]=. [sidecar]=sidecar_images/sidecar [samples]=.)
 names=("$@")
 [[ ${#names[@]} -gt 0 ]] || names=(operator sidecar samples)
 

@@ -3,6 +3,7 @@ with the participant helper (sdk/python/accord_barrier.py) and normally reached 
 Accord sidecar (the fence).
 
     python examples/services/ledger.py --port 8091 --db /tmp/ledger-a.db [--name ledger-a]
+        [--seed alice=10000 ...]   (opening balances in cents, set once: a restart keeps the db)
 
 POST /prepare {"txid", "payload": {"account", "amountCents"}}  hold the amount; vote commit,
      or abort if a debit would overdraw the account
@@ -120,8 +121,12 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--db", required=True)
     parser.add_argument("--name", default="ledger")
+    parser.add_argument("--seed", action="append", default=[], metavar="ACCOUNT=CENTS")
     args = parser.parse_args()
     ledger = Ledger(Path(args.db), args.name)
+    for seed in args.seed:
+        account, _, cents = seed.partition("=")
+        ledger.conn.execute("INSERT OR IGNORE INTO accounts VALUES (?, ?)", (account, int(cents)))
 
     async def phase(request: web.Request) -> web.Response:
         kind = request.match_info["phase"]

@@ -30,7 +30,7 @@ from tests.support.cluster import REPO
 IMAGES = {
     "operator": ("operator/Dockerfile", "."),
     "sidecar": ("sidecar_images/sidecar/Dockerfile", "sidecar_images/sidecar"),
-    "samples": ("examples/services/Dockerfile", "examples/services"),
+    "samples": ("examples/services/Dockerfile", "."),
 }
 
 

@@ -21,7 +21,9 @@ from accord_operator.envtest.incluster import (
     RESTRICTED,
     injected_namespace,
     install_chart,
+    ledger,
     participant,
+    transaction_reader_binding,
 )
 from accord_operator.envtest.incluster import (
     SHOP_ROLES as ROLES,
@@ -387,19 +389,139 @@ def test_pods_created_while_the_webhook_is_down_are_reported(accord: E2ECluster)
         )  # fmt: skip
 
 
-def test_two_phase_and_projection_resources_are_accepted(accord: E2ECluster) -> None:
-    for name in ("tpc-transfer.yaml", "projection-orders.yaml"):
-        accord.kubectl("apply", "-n", SHOP, "-f", str(EXAMPLES / name))
-    # The example's ledgers are not deployed here: the transaction aborts on its prepare
-    # timeout and finishes (nobody holds anything); the projection is accepted.
-    for kind, phase in (("tpc", "Aborted"), ("proj", "Pending")):
-        accord.wait_until(
-            f"the {kind} {phase}",
-            lambda kind=kind, phase=phase: all(
-                (i.get("status") or {}).get("phase") == phase
-                for i in accord.get(kind, "-n", SHOP)["items"]
-            ),
-        )
+BANK = "bank"
+
+
+@pytest.fixture(scope="session")
+def bank(accord: E2ECluster) -> E2ECluster:
+    """Two ledger participants (SQLite in their pods) behind their sidecars, and the binding
+    README "2PC participants" asks for, so their sidecars may read their transactions."""
+    accord.apply(*injected_namespace(BANK))
+    accord.apply(transaction_reader_binding(BANK))
+    accord.apply(
+        # ledger-a may take 20 s to vote (a test asks it to): its sidecar waits that long.
+        *ledger(accord.images["samples"], "ledger-a", {"alice": 10_000},
+                **{"accord.dev/timeout-ms": "40000"}),
+        *ledger(accord.images["samples"], "ledger-b", {"bob": 0},
+                **{"accord.dev/tpc-outcome-after-seconds": "2"}),
+        namespace=BANK,
+    )  # fmt: skip
+    wait_available(accord, BANK)
+    return accord
+
+
+def transfer(name: str, cents: int, prepare_timeout_s: int = 10) -> str:
+    tx = yaml.safe_load((EXAMPLES / "tpc-transfer.yaml").read_text())
+    tx["metadata"] = {"name": name, "namespace": BANK}
+    tx["spec"]["prepareTimeoutSeconds"] = prepare_timeout_s
+    debit_p, credit_p = tx["spec"]["participants"]
+    debit_p["payload"]["amountCents"], credit_p["payload"]["amountCents"] = -cents, cents
+    return json.dumps(tx)
+
+
+def wait_tpc(k8s: E2ECluster, name: str, timeout: float = 120) -> dict[str, Any]:
+    def done() -> dict[str, Any] | None:
+        tx: dict[str, Any] = k8s.get("tpc", name, "-n", BANK)
+        return tx if (tx.get("status") or {}).get("phase") in ("Committed", "Aborted") else None
+
+    result: dict[str, Any] = k8s.wait_until(f"transaction {name} finished", done, timeout)
+    return result
+
+
+def ledger_lines(k8s: E2ECluster, name: str, tx: str, container: str = "ledger") -> list[str]:
+    logs = k8s.kubectl("logs", "-n", BANK, f"deploy/{name}", "-c", container)
+    return [line for line in logs.splitlines() if f"{BANK}/{tx}" in line]
+
+
+def test_transactions_commit_and_abort_across_ledger_pods(bank: E2ECluster) -> None:
+    bank.kubectl("create", "-f", "-", input=transfer("t-commit", 5000))
+    bank.kubectl("create", "-f", "-", input=transfer("t-overdraft", 999_999))
+    committed, aborted = wait_tpc(bank, "t-commit"), wait_tpc(bank, "t-overdraft")
+    assert committed["status"]["phase"] == "Committed", committed["status"]
+    assert committed["status"]["decision"] == "Commit"
+    assert aborted["status"]["phase"] == "Aborted" and aborted["status"]["decision"] == "Abort"
+    for tx in (committed, aborted):
+        assert all(p["acked"] for p in tx["status"]["participants"]), tx["status"]
+        assert tx["metadata"].get("finalizers") in (None, []), tx["metadata"]
+    # Each ledger pod saw its prepare and the decision, once each.
+    assert ledger_lines(bank, "ledger-a", "t-commit") == [
+        "ledger-a: prepare bank/t-commit -> vote commit",
+        "ledger-a: commit bank/t-commit -> balances: alice 50.00",
+    ]
+    assert ledger_lines(bank, "ledger-b", "t-commit") == [
+        "ledger-b: prepare bank/t-commit -> vote commit",
+        "ledger-b: commit bank/t-commit -> balances: bob 50.00",
+    ]
+    # (The two run at once: the balance an abort prints depends on whether t-commit landed.)
+    overdraft_a = ledger_lines(bank, "ledger-a", "t-overdraft")
+    assert overdraft_a[0] == "ledger-a: prepare bank/t-overdraft -> vote abort", overdraft_a
+    assert [line.split(" -> ")[0] for line in overdraft_a[1:]] == [
+        "ledger-a: abort bank/t-overdraft"
+    ]
+    overdraft_b = ledger_lines(bank, "ledger-b", "t-overdraft")
+    assert overdraft_b[-1].startswith("ledger-b: abort bank/t-overdraft"), overdraft_b
+
+
+def behave(k8s: E2ECluster, name: str, how: dict[str, Any]) -> None:
+    """Tell a ledger how to answer (its /_behave, from inside its pod)."""
+    k8s.kubectl(
+        "exec", "-n", BANK, f"deploy/{name}", "-c", "ledger", "--", "python", "-c",
+        "import sys, urllib.request as u; u.urlopen(u.Request('http://127.0.0.1:8080/_behave',"
+        " data=sys.argv[1].encode(), method='POST'))", json.dumps(how),
+    )  # fmt: skip
+
+
+def test_a_participant_cut_off_after_its_vote_learns_the_decision_with_its_own_account(
+    bank: E2ECluster,
+) -> None:
+    """ledger-b votes commit, then the coordinator cannot reach it (its Service selects no
+    pod). Its sidecar reads the transaction with the pod's service account (the chart's
+    transaction-reader role) and commits through the fence; once reachable again, the
+    coordinator's own commit is answered by the fence without a second call to the app."""
+    # ledger-a votes 20 s after ledger-b: by then the coordinator's keep-alive connection
+    # to ledger-b (15 s idle at most) is closed, and a new one finds no pod behind the
+    # Service (an open connection would outlive the Service change, as established flows do).
+    behave(bank, "ledger-a", {"delayMs": 20_000})
+    bank.kubectl("create", "-f", "-", input=transfer("t-cut-off", 1000, prepare_timeout_s=60))
+    bank.wait_until(
+        "ledger-b voted", lambda: ledger_lines(bank, "ledger-b", "t-cut-off"), timeout=60
+    )
+    selector = {"spec": {"selector": {"app": "ledger-b-away"}}}
+    bank.kubectl("patch", "service", "ledger-b", "-n", BANK, "-p", json.dumps(selector))
+    try:
+        try:
+            bank.wait_until(
+                "ledger-b committed on its own",
+                lambda: len(ledger_lines(bank, "ledger-b", "t-cut-off")) == 2,
+                timeout=90,
+            )
+        except AssertionError as exc:
+            own = bank.kubectl("logs", "-n", BANK, "deploy/ledger-b", "-c", "accord-sidecar")
+            raise AssertionError(f"{exc}\nledger-b's sidecar said:\n{own[-4000:]}") from None
+        tx = bank.get("tpc", "t-cut-off", "-n", BANK)
+        assert tx["status"]["decision"] == "Commit" and tx["status"]["phase"] != "Committed"
+    finally:
+        behave(bank, "ledger-a", {})
+        restore = {"spec": {"selector": {"app": "ledger-b"}}}
+        bank.kubectl("patch", "service", "ledger-b", "-n", BANK, "-p", json.dumps(restore))
+    assert wait_tpc(bank, "t-cut-off")["status"]["phase"] == "Committed"
+    assert ledger_lines(bank, "ledger-b", "t-cut-off") == [
+        "ledger-b: prepare bank/t-cut-off -> vote commit",
+        "ledger-b: commit bank/t-cut-off -> balances: bob 60.00",
+    ]
+    own = ledger_lines(bank, "ledger-b", "t-cut-off", container="accord-sidecar")
+    assert any("no word from the coordinator" in line for line in own), own
+
+
+def test_projection_resources_are_accepted(accord: E2ECluster) -> None:
+    accord.kubectl("apply", "-n", SHOP, "-f", str(EXAMPLES / "projection-orders.yaml"))
+    accord.wait_until(
+        "the projection Pending",
+        lambda: all(
+            (i.get("status") or {}).get("phase") == "Pending"
+            for i in accord.get("proj", "-n", SHOP)["items"]
+        ),
+    )
     # A payload too big for a participant's /prepare is refused at admission, by field.
     big = {
         "apiVersion": "accord.dev/v1alpha1",

@@ -246,3 +246,5 @@ def test_a_participant_that_hears_nothing_reads_the_outcome_itself(
             link.close()
         log = bed.participants["ledger-b"].sidecar.log.read_text()
         assert "applied its recorded commit" in log
+        # The app was told as the coordinator tells it: the transaction's name included.
+        assert f"ledger-b: commit {namespace}/t8 ->" in ledger_b.log.read_text()

@@ -148,6 +148,7 @@ def test_annotations_become_sidecar_env_and_resources() -> None:
                 "accord.dev/sidecar-cpu-request": "100m",
                 "accord.dev/subscribe-bulk": "50",
                 "accord.dev/max-deliveries": "7",
+                "accord.dev/tpc-outcome-after-seconds": "5",
             }
         )
     )
@@ -157,6 +158,7 @@ def test_annotations_become_sidecar_env_and_resources() -> None:
     assert env["ACCORD_SUBSCRIBE"] == "orders.events,payments"
     assert env["ACCORD_RETRY_MAX_ATTEMPTS"] == "5"
     assert env["ACCORD_BULK_MAX"] == "50" and env["ACCORD_MAX_DELIVERIES"] == "7"
+    assert env["ACCORD_TPC_OUTCOME_AFTER_S"] == "5"
     assert env["ACCORD_LOG_LEVEL"] == "debug"
     assert env["ACCORD_NATS_URL"] == "nats://n:4222"
     assert sidecar["resources"] == {

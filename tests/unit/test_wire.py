@@ -53,6 +53,7 @@ EVERYTHING = {
     "accord.dev/subscribe-concurrency": "4",
     "accord.dev/subscribe-bulk": "8",
     "accord.dev/max-deliveries": "7",
+    "accord.dev/tpc-outcome-after-seconds": "5",
 }
 
 
@@ -173,6 +174,7 @@ _policies = st.one_of(
             "accord.dev/subscribe-bulk": st.sampled_from(["1", "1000", "1001"]),
             "accord.dev/subscribe-concurrency": st.sampled_from(["1", "0"]),
             "accord.dev/max-deliveries": st.sampled_from(["1", "1001"]),
+            "accord.dev/tpc-outcome-after-seconds": st.sampled_from(["1", "0", "86401"]),
             "accord.dev/target-policies": _policies.map(json.dumps),
         },
     )

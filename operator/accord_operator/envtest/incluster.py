@@ -103,3 +103,70 @@ def participant(samples_image: str, role: str, **pod_spec: Any) -> list[dict[str
             "spec": {"selector": labels, "ports": [{"name": "inbound", "port": 3501}]},
         },
     ]
+
+
+def ledger(
+    samples_image: str, name: str, seeds: dict[str, int], **annotations: str
+) -> list[dict[str, Any]]:
+    """A 2PC ledger participant (examples/services/ledger.py, SQLite in an emptyDir that a
+    container restart keeps) as a Deployment, and its Service on the sidecar's inbound port."""
+    labels = {"app": name}
+    container = {
+        "name": "ledger",
+        "image": samples_image,
+        "imagePullPolicy": "Never",
+        "args": [
+            "ledger.py", "--port", "8080", "--db", "/data/ledger.db", "--name", name,
+            *(f"--seed={account}={cents}" for account, cents in seeds.items()),
+        ],
+        "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+        "securityContext": RESTRICTED,
+    }  # fmt: skip
+    template = {
+        "metadata": {
+            "labels": labels,
+            "annotations": {"accord.dev/app-port": "8080", **annotations},
+        },
+        "spec": {
+            "serviceAccountName": PARTICIPANT_SA,
+            "securityContext": {"fsGroup": 65532},
+            "containers": [container],
+            "volumes": [{"name": "data", "emptyDir": {}}],
+        },
+    }
+    return [
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": name},
+            "spec": {"selector": {"matchLabels": labels}, "template": template},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": name},
+            "spec": {"selector": labels, "ports": [{"name": "inbound", "port": 3501}]},
+        },
+    ]
+
+
+def transaction_reader_binding(namespace: str) -> dict[str, Any]:
+    """What README "2PC participants" asks of a user whose chart watches every namespace:
+    let the namespace's service accounts read its transactions (the chart's ClusterRole)."""
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": f"{RELEASE}-transaction-reader", "namespace": namespace},
+        "roleRef": {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "ClusterRole",
+            "name": f"{RELEASE}-transaction-reader",
+        },
+        "subjects": [
+            {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "Group",
+                "name": f"system:serviceaccounts:{namespace}",
+            }
+        ],
+    }

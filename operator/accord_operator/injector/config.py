@@ -48,6 +48,7 @@ KNOWN: Final = frozenset(
         "subscribe-concurrency",
         "subscribe-bulk",
         "max-deliveries",
+        "tpc-outcome-after-seconds",
         *_RESOURCE_ANNOTATIONS,
     }
 )
@@ -79,6 +80,7 @@ class SidecarConfig:
     subscribe_concurrency: int | None = None
     subscribe_bulk: int | None = None
     max_deliveries: int | None = None
+    tpc_outcome_after_s: int | None = None
     resources: dict[str, dict[str, str]] = field(
         default_factory=lambda: {
             "requests": {"cpu": "50m", "memory": "64Mi"},
@@ -175,6 +177,7 @@ def parse(annotations: Mapping[str, str]) -> SidecarConfig:
         subscribe_concurrency=_int(annotations, "subscribe-concurrency", 1, 1000),
         subscribe_bulk=_int(annotations, "subscribe-bulk", 1, 1000),
         max_deliveries=_int(annotations, "max-deliveries", 1, 1000),
+        tpc_outcome_after_s=_int(annotations, "tpc-outcome-after-seconds", 1, 86400),
         ports=ports,
         app_port=app_port,
         subscribe=subscribe,

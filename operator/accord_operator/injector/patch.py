@@ -128,6 +128,7 @@ def sidecar_container(
         Env.CONCURRENCY: config.subscribe_concurrency,
         Env.BULK_MAX: config.subscribe_bulk,
         Env.MAX_DELIVERIES: config.max_deliveries,
+        Env.TPC_OUTCOME_AFTER_S: config.tpc_outcome_after_s,
     }
     env += [{"name": k, "value": str(v)} for k, v in optional.items() if v is not None]
     env += [{"name": k, "value": v} for k, v in injector.broker_env]

@@ -198,7 +198,7 @@ class Config:
             dedup_ttl_s=_int(env, "ACCORD_DEDUP_TTL_S", 3600, 1, 30 * 86400),
             journal_retention_s=_int(env, "ACCORD_JOURNAL_RETENTION_S", 7 * 86400, 60, 365 * 86400),
             journal_max_entries=_int(env, "ACCORD_JOURNAL_MAX_ENTRIES", 100_000, 1, 10_000_000),
-            tpc_outcome_after_s=_int(env, "ACCORD_TPC_OUTCOME_AFTER_S", 60, 1, 86400),
+            tpc_outcome_after_s=_int(env, wire.SidecarEnv.TPC_OUTCOME_AFTER_S, 60, 1, 86400),
             shared_token=env.get("ACCORD_SHARED_TOKEN", ""),
             allowed_service_accounts=allowed,
             kube_api_url=env.get(

@@ -211,15 +211,16 @@ class Inbound:
                 out.append((txid, state, ref, prefix))
         return out
 
-    async def apply_outcome(self, txid: str, kind: fence.Kind, prefix: str) -> int:
-        """Deliver a recorded decision to the app, as if the coordinator had: through the
-        fence (so a later coordinator message is answered from the journal)."""
+    async def apply_outcome(self, txid: str, kind: fence.Kind, ref: str, prefix: str) -> int:
+        """Deliver a recorded decision to the app as the coordinator would (same body, same
+        headers), through the fence (so a later coordinator message is answered from the
+        journal)."""
+        headers = {"Content-Type": "application/json", wire.TRANSACTION: txid,
+                   wire.TRANSACTION_REF: ref, wire.TPC_PHASE: kind}  # fmt: skip
 
         async def call_app() -> Stored:
-            return await self._call_app(
-                "POST", f"{prefix}/{kind}", {"Content-Type": "application/json",
-                 wire.TRANSACTION: txid, wire.TPC_PHASE: kind}, json.dumps({"txid": txid}).encode()
-            )  # fmt: skip
+            body = json.dumps({"txid": txid}).encode()
+            return await self._call_app("POST", f"{prefix}/{kind}", headers, body)
 
         status, _, _ = await self.transaction_step(txid, kind, call_app)
         return status

@@ -66,7 +66,7 @@ async def watch(config: Config, inbound: Inbound, session: aiohttp.ClientSession
                 else:  # told already, not yet done: finish it
                     decision = "Commit" if state == fence.COMMITTING else "Abort"
                 kind = "commit" if decision == "Commit" else "abort"
-                status = await inbound.apply_outcome(txid, kind, prefix)
+                status = await inbound.apply_outcome(txid, kind, ref, prefix)
                 log.info("transaction %s (%s): no word from the coordinator; applied its "
                          "recorded %s (%s)", txid, ref, kind, status)  # fmt: skip
         except Exception:

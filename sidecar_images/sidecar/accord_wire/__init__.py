@@ -75,6 +75,7 @@ class SidecarEnv:
     CONCURRENCY: Final = "ACCORD_CONCURRENCY"
     BULK_MAX: Final = "ACCORD_BULK_MAX"
     MAX_DELIVERIES: Final = "ACCORD_MAX_DELIVERIES"
+    TPC_OUTCOME_AFTER_S: Final = "ACCORD_TPC_OUTCOME_AFTER_S"
     # The stream and new subscriptions: one setting for the whole cluster (chart values
     # nats.stream.*), passed from the operator's env to every sidecar unchanged.
     STREAM_MAX_AGE_S: Final = "ACCORD_STREAM_MAX_AGE_S"
