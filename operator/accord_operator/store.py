@@ -77,20 +77,35 @@ class KubeStore:
 
 async def hold_finalizer(api: KubeApi, path: str, meta: dict[str, Any], finalizer: str) -> None:
     """Put `finalizer` on the object (that uid only), if it is not there yet; `meta` is
-    updated with what the API server answered."""
-    if finalizer in (meta.get("finalizers") or []) or meta.get("deletionTimestamp"):
+    updated with what the API server answered. `meta` may be a watch's view, older than the
+    object: the patch holds only over that very version, and a stale view is read again."""
+    for _ in range(5):
+        if finalizer in (meta.get("finalizers") or []) or meta.get("deletionTimestamp"):
+            return
+        version = meta["resourceVersion"]
+        ops: list[dict[str, Any]] = [
+            {"op": "test", "path": "/metadata/uid", "value": meta["uid"]},
+            {"op": "replace", "path": "/metadata/resourceVersion", "value": version},
+            {"op": "add", "path": "/metadata/finalizers/-", "value": finalizer}
+            if meta.get("finalizers") is not None
+            else {"op": "add", "path": "/metadata/finalizers", "value": [finalizer]},
+        ]
+        try:
+            answer = await api.request(
+                "PATCH", path, ops, content_type="application/json-patch+json"
+            )
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+            fresh = (await api.get(path))["metadata"]
+            if fresh["uid"] != meta["uid"]:
+                raise kopf.PermanentError(f"{path} is another object now") from None
+            meta.update(fresh)
+            continue
+        meta["finalizers"] = answer["metadata"].get("finalizers")
+        meta["resourceVersion"] = answer["metadata"]["resourceVersion"]
         return
-    ops: list[dict[str, Any]] = [
-        {"op": "add", "path": "/metadata/finalizers/-", "value": finalizer}
-    ]
-    if meta.get("finalizers") is None:
-        ops = [{"op": "add", "path": "/metadata/finalizers", "value": [finalizer]}]
-    answer = await api.request(
-        "PATCH", path, [{"op": "test", "path": "/metadata/uid", "value": meta["uid"]}, *ops],
-        content_type="application/json-patch+json",
-    )  # fmt: skip
-    meta["finalizers"] = answer["metadata"].get("finalizers")
-    meta["resourceVersion"] = answer["metadata"]["resourceVersion"]
+    raise ApiError(409, f"{path} kept changing: no finalizer put on it")
 
 
 def finalizer_removal(meta: dict[str, Any], finalizer: str) -> list[dict[str, Any]]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
@@ -18,6 +18,7 @@ from accord_operator.resources import GROUP, VERSION
 logger = logging.getLogger("accord.supervisor")
 
 DELETE_RETRY_S = 15.0  # a deletion that waits looks again this often
+FINISHED_KEPT = 10_000  # finished objects remembered, so their late events start nothing
 
 
 class Drivable(Protocol):
@@ -33,7 +34,11 @@ class Drivable(Protocol):
         deleting: bool = False,
         wait: Callable[[float], Awaitable[bool]] | None = None,
         annotations: Callable[[], Mapping[str, str]] | None = None,
-    ) -> dict[str, Any]: ...
+        seen: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Drive it; `seen`: the object as the watch delivered it, to start from without a
+        read (it may be older than the object: the first write then reads it again)."""
+        ...
 
     async def release(self, namespace: str, name: str, uid: str) -> None: ...
 
@@ -73,6 +78,10 @@ class Supervisor:
         self.tasks: dict[str, asyncio.Task[None]] = {}  # by uid
         self.objects: dict[str, dict[str, Any]] = {}  # the latest metadata seen, by uid
         self.changed: dict[str, asyncio.Event] = {}  # set on each event: look again
+        self.first: dict[str, dict[str, Any]] = {}  # the object that started its task
+        # Objects driven to the end and released, most recent last (bounded): the watch may
+        # still deliver their older versions (a busy queue); those start nothing.
+        self.finished: OrderedDict[str, None] = OrderedDict()
         self.stopping = False
 
     def phases(self) -> dict[str, int]:
@@ -94,6 +103,8 @@ class Supervisor:
             if uid in self.changed:
                 self.changed[uid].set()
             return
+        if uid in self.finished:
+            return
         status = obj.get("status") or {}
         self.objects[uid] = {
             "annotations": dict(meta.get("annotations") or {}),
@@ -105,6 +116,7 @@ class Supervisor:
             self.changed[uid].set()
         elif not self.stopping:
             self.changed[uid] = asyncio.Event()
+            self.first[uid] = dict(obj)
             ns, name = str(meta["namespace"]), str(meta["name"])
             self.tasks[uid] = asyncio.create_task(self._run(ns, name, uid))
 
@@ -132,15 +144,19 @@ class Supervisor:
                         logger.info("%s %s/%s deleted as asked", kind, namespace, name)
                         await self.driver.release(namespace, name, uid)
                         return
+                    # The first drive starts from the event that started the task (just
+                    # created, or listed: no read); any later one reads the object.
                     status = await self.driver.drive(
                         namespace, name, deleting=deleting, wait=wait,
                         annotations=lambda last=seen: self.objects.get(uid, last)["annotations"],
+                        seen=self.first.pop(uid, None),
                     )  # fmt: skip
                     let_go = deleting and self.driver.let_go(
                         self.objects.get(uid, seen)["annotations"]
                     )
                     if self.driver.done(status) or let_go:
                         await self.driver.release(namespace, name, uid)
+                        self._finished(uid)
                         return
                     blocked = self.driver.deletion_blocked(status) if deleting else None
                     if blocked:
@@ -166,6 +182,13 @@ class Supervisor:
         finally:
             self.tasks.pop(uid, None)
             self.changed.pop(uid, None)
+            self.first.pop(uid, None)
+
+    def _finished(self, uid: str) -> None:
+        self.objects.pop(uid, None)
+        self.finished[uid] = None
+        if len(self.finished) > FINISHED_KEPT:
+            self.finished.popitem(last=False)
 
     def _over(self, uid: str) -> bool:
         return self.stopping or uid not in self.objects

@@ -65,15 +65,17 @@ class SagaDriver:
         deleting: bool = False,
         wait: Callable[[float], Awaitable[bool]] | None = None,
         annotations: Callable[[], Mapping[str, str]] | None = None,
+        seen: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Run the saga until it is terminal (returns its status) or `wait` says stop.
 
         `wait(seconds)` sleeps and returns True when the caller wants us to stop
         (kopf's daemon flag); without it the drive runs to a terminal phase.
         `annotations()` reads them from kopf's live view of the object (no API call).
+        `seen`: the object as the watch delivered it, to start from (no read).
         """
         store = KubeStore(self.api, _path(namespace, name), annotations)
-        saga = await store.read()
+        saga = seen if seen is not None else await store.read()
         lock = _locks.setdefault(saga["metadata"]["uid"], asyncio.Lock())
         async with lock:
             if needs_controller(saga.get("status")) and not deleting:

@@ -56,9 +56,10 @@ class TpcDriver:
         deleting: bool = False,
         wait: Callable[[float], Awaitable[bool]] | None = None,
         annotations: Callable[[], Mapping[str, str]] | None = None,
+        seen: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         store = KubeStore(self.api, path(namespace, name), annotations)
-        tx = await store.read()
+        tx = seen if seen is not None else await store.read()
         lock = _locks.setdefault(tx["metadata"]["uid"], asyncio.Lock())
         async with lock:
             if (tx.get("status") or {}).get("phase") not in TERMINAL and not deleting:
