@@ -122,7 +122,7 @@ class Supervisor:
 
     async def _run(self, namespace: str, name: str, uid: str) -> None:
         changed = self.changed[uid]
-        seen = self.objects[uid]
+        seen = self.objects.get(uid, {"deleting": False, "annotations": {}})  # gone already?
         deleting = False
 
         async def wait(seconds: float) -> bool:
