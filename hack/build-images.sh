@@ -9,7 +9,9 @@
 #
 # Content-hash cached: an image is rebuilt only when its Dockerfile, the files it COPYs or
 # its base change. Prints one line per image: "<name> <reference> <archive>".
-# Usage: hack/build-images.sh [operator] [sidecar] [samples]   (default: all three)
+# The nats image (a development broker for the chart's nats.deploy) carries this machine's
+# nats-server binary (Debian's), staged in the cache as its build context.
+# Usage: hack/build-images.sh [operator] [sidecar] [samples] [nats]   (default: all four)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cache="${XDG_CACHE_HOME:-$HOME/.cache}/accord/images"
@@ -21,10 +23,11 @@ declare -A dockerfile=(
   [operator]=operator/Dockerfile
   [sidecar]=sidecar_images/sidecar/Dockerfile
   [samples]=examples/services/Dockerfile
+  [nats]=hack/images/nats.Dockerfile
 )
-declare -A context=([operator]=. [sidecar]=sidecar_images/sidecar [samples]=.)
+declare -A context=([operator]=. [sidecar]=sidecar_images/sidecar [samples]=. [nats]=.)
 names=("$@")
-[[ ${#names[@]} -gt 0 ]] || names=(operator sidecar samples)
+[[ ${#names[@]} -gt 0 ]] || names=(operator sidecar samples nats)
 
 for tool in buildah sha256sum; do
   command -v "$tool" >/dev/null || { say "hack/build-images.sh needs $tool (apt-get install buildah)"; exit 1; }
@@ -77,7 +80,8 @@ copied_sources() {  # the sources of a Dockerfile's COPY lines (not --from=), on
 }
 
 content_key() {  # content_key <name> <base ref>: hash of Dockerfile, copied files and base
-  local df="$root/${dockerfile[$1]}" ctx="$root/${context[$1]}"
+  local df ctx
+  df="$(in_repo "${dockerfile[$1]}")" ctx="$(in_repo "${context[$1]}")"
   {
     echo "$2"
     cat "$df"
@@ -87,10 +91,23 @@ content_key() {  # content_key <name> <base ref>: hash of Dockerfile, copied fil
   } | sha256sum | cut -c1-16
 }
 
+stage_nats() {  # the nats image's build context: this machine's nats-server
+  local bin dir="$cache/nats-context"
+  bin="$(command -v nats-server)" || { say "nats-server is needed for the nats image (apt-get install nats-server)"; exit 1; }
+  mkdir -p "$dir"
+  cmp -s "$bin" "$dir/nats-server" || install -m 0755 "$bin" "$dir/nats-server"
+  context[nats]="$dir"
+}
+
+in_repo() {  # a path as given: absolute, or relative to the repository root
+  if [[ $1 == /* ]]; then echo "$1"; else echo "$root/$1"; fi
+}
+
 base="${ACCORD_IMAGE_BASE:-}"
 [[ -n $base ]] || base="$(make_base)"
 for name in "${names[@]}"; do
-  [[ -n ${dockerfile[$name]:-} ]] || { say "unknown image $name (operator, sidecar, samples)"; exit 1; }
+  [[ -n ${dockerfile[$name]:-} ]] || { say "unknown image $name (operator, sidecar, samples, nats)"; exit 1; }
+  [[ $name != nats ]] || stage_nats
   key="$(content_key "$name" "$base")"
   ref="localhost/accord/$name:$key"
   archive="$cache/$name-$key.tar"
@@ -98,7 +115,7 @@ for name in "${names[@]}"; do
     say "building $ref from ${dockerfile[$name]}"
     # Host network for RUN steps: buildah would otherwise set up CNI (and leave /etc/cni).
     "${buildah[@]}" build --quiet --isolation chroot --network host --pull-never --build-arg "BASE=$base" \
-      "${run_mounts[@]}" -t "$ref" -f "$root/${dockerfile[$name]}" "$root/${context[$name]}" >/dev/null
+      "${run_mounts[@]}" -t "$ref" -f "$(in_repo "${dockerfile[$name]}")" "$(in_repo "${context[$name]}")" >/dev/null
     rm -f "$cache/$name"-*.tar
     "${buildah[@]}" push --quiet "$ref" "oci-archive:$archive.part:$ref"
     mv "$archive.part" "$archive"

@@ -177,6 +177,7 @@ class Projector(TypedDict):
     image: str
     command: NotRequired[list[str]]
     args: NotRequired[list[str]]
+    imagePullPolicy: NotRequired[str]
     port: NotRequired[int]
     env: NotRequired[list[EnvVar]]
 
@@ -186,12 +187,14 @@ class ProjectionSpec(TypedDict):
     projector: Projector
     replicas: NotRequired[int]
     partitions: NotRequired[int]
+    paused: NotRequired[bool]
     rebuildGeneration: NotRequired[int]
 
 
 class ProjectionStatus(TypedDict):
     phase: NotRequired[str]
     observedGeneration: NotRequired[int]
+    servingGeneration: NotRequired[int]
     observedRebuildGeneration: NotRequired[int]
     position: NotRequired[int]
     lag: NotRequired[int]

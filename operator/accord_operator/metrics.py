@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 
 from aiohttp import web
@@ -9,6 +10,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     Info,
     generate_latest,
@@ -193,3 +195,35 @@ TRANSACTIONS_IN_DOUBT_TOTAL = Counter(
     "Times a participant became in doubt.",
     registry=REGISTRY,
 )
+
+# -- projections: the broker's figures as the last pass read them, one series per projection
+PROJECTION_LAG = Gauge(
+    "accord_projection_lag",
+    "Events published to a projection's topic and not yet projected (the broker's count).",
+    ["namespace", "projection"],
+    registry=REGISTRY,
+)
+PROJECTION_POSITION = Gauge(
+    "accord_projection_position",
+    "Stream sequence up to which every event of the projection's topic is projected.",
+    ["namespace", "projection"],
+    registry=REGISTRY,
+)
+PROJECTION_EVENTS = Gauge(
+    "accord_projection_events_processed",
+    "Events projected by the generation building the read model.",
+    ["namespace", "projection"],
+    registry=REGISTRY,
+)
+PROJECTION_SWITCHES = Counter(
+    "accord_projection_generation_switches_total",
+    "Rebuilt read models that took over the query Service.",
+    registry=REGISTRY,
+)
+
+
+def forget_projection(namespace: str, name: str) -> None:
+    """A deleted projection's series go with it."""
+    for gauge in (PROJECTION_LAG, PROJECTION_POSITION, PROJECTION_EVENTS):
+        with contextlib.suppress(KeyError):
+            gauge.remove(namespace, name)

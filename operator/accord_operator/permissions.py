@@ -28,7 +28,11 @@ CONTROLLER: Final[Grants] = {
     ("accord.dev", "sagaworkflows/finalizers"): frozenset({"update"}),
     # Job steps: create the pod, poll it, delete it on timeout; the miss detector watches.
     ("", "pods"): frozenset({"get", "list", "watch", "create", "delete"}),
-    ("", "services"): frozenset({"get"}),  # participants resolved from their Service
+    # Participants resolved from their Service; a projection's query Service made.
+    ("", "services"): frozenset({"get", "create", "patch"}),
+    # A projection's projectors, one Deployment per generation (the old one removed).
+    ("apps", "deployments"): frozenset({"get", "list", "create", "patch", "delete"}),
+    ("accord.dev", "cqrsprojections/finalizers"): frozenset({"update"}),
     ("", "events"): frozenset({"create"}),
     ("apiextensions.k8s.io", "customresourcedefinitions"): frozenset({"list", "watch"}),
     ("", "namespaces"): frozenset({"get"}),  # is injection enabled there (miss detector)
@@ -46,6 +50,10 @@ CONTROLLER_NOT_SEEN: Final[dict[tuple[str, str], tuple[frozenset[str], str]]] = 
         "checked by the API server inside pod creation, never called directly",
     ),
     ("", "pods"): (frozenset({"delete"}), "only when a job step's pod outlives its timeout"),
+    ("accord.dev", "cqrsprojections/finalizers"): (
+        frozenset({"update"}),
+        "checked by the API server inside the creation of a projection's Deployment",
+    ),
 }
 
 # The admission webhook: only the question whether a saga's creator may create the pods

@@ -24,6 +24,7 @@ from accord_operator.kubeapi import KubeApi
 from accord_operator.leader import Elector
 from accord_operator.participants import AudienceToken, Participants
 from accord_operator.projection import handlers as projection_handlers
+from accord_operator.projection.broker import BrokerView
 from accord_operator.resources import GROUP, SAGA, TWO_PHASE
 from accord_operator.saga import handlers as saga_handlers
 from accord_operator.saga.runner import SagaDriver
@@ -187,6 +188,7 @@ async def run(settings: Settings, mode: Mode = Mode.ALL, stop: asyncio.Event | N
         api=api,
         sagas=SagaDriver(api, participants),
         transactions=TpcDriver(api, participants),
+        broker=BrokerView(settings.nats_url),
         namespaces=tuple(settings.namespaces),
     )
     elector = None
@@ -234,4 +236,5 @@ async def run(settings: Settings, mode: Mode = Mode.ALL, stop: asyncio.Event | N
             await elector.release()
         await runner.cleanup()
         await participants.close()
+        await memo.broker.close()
         await api.close()

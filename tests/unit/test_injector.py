@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from typing import Any
 
@@ -416,3 +417,24 @@ def test_app_id_names_every_replica_alike(meta: dict[str, Any], expected: str) -
     p["metadata"] = {**meta, "annotations": {}}
     env = {e["name"]: e.get("value") for e in inject(p)["spec"]["initContainers"][0]["env"]}
     assert env["ACCORD_APP_ID"] == expected
+
+
+def test_a_pods_own_subscription_start_overrides_the_clusters() -> None:
+    """The chart's nats.newSubscriptionsStart is every sidecar's default; a pod that asks
+    for its own (a projection replays from the beginning) gets exactly one value, its own."""
+    cluster = dataclasses.replace(
+        NATIVE,
+        broker_env=(("ACCORD_NEW_SUBSCRIPTIONS_START", "new"), ("ACCORD_STREAM_MAX_AGE_S", "60")),
+    )
+
+    def env_of(annotations: dict[str, str]) -> list[tuple[str, str]]:
+        out = inject(pod({"accord.dev/inject": "true", **annotations}), cluster)
+        return [(e["name"], e.get("value", "")) for e in out["spec"]["initContainers"][0]["env"]]
+
+    own = env_of({"accord.dev/subscribe-start": "all"})
+    assert [v for k, v in own if k == "ACCORD_NEW_SUBSCRIPTIONS_START"] == ["all"]
+    assert ("ACCORD_STREAM_MAX_AGE_S", "60") in own
+    default = env_of({})
+    assert [v for k, v in default if k == "ACCORD_NEW_SUBSCRIPTIONS_START"] == ["new"]
+    with pytest.raises(AnnotationError, match=r"accord\.dev/subscribe-start"):
+        env_of({"accord.dev/subscribe-start": "latest"})

@@ -54,6 +54,7 @@ EVERYTHING = {
     "accord.dev/subscribe-bulk": "8",
     "accord.dev/max-deliveries": "7",
     "accord.dev/tpc-outcome-after-seconds": "5",
+    "accord.dev/subscribe-start": "new",
 }
 
 
@@ -175,6 +176,7 @@ _policies = st.one_of(
             "accord.dev/subscribe-concurrency": st.sampled_from(["1", "0"]),
             "accord.dev/max-deliveries": st.sampled_from(["1", "1001"]),
             "accord.dev/tpc-outcome-after-seconds": st.sampled_from(["1", "0", "86401"]),
+            "accord.dev/subscribe-start": st.sampled_from(["all", "new", "latest"]),
             "accord.dev/target-policies": _policies.map(json.dumps),
         },
     )

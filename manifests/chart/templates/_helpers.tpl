@@ -9,13 +9,20 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- define "accord.image" -}}{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}{{- end -}}
 {{- define "accord.webhookService" -}}{{ include "accord.name" . }}-webhook{{- end -}}
 {{- define "accord.certSecret" -}}{{ include "accord.name" . }}-webhook-tls{{- end -}}
+{{- define "accord.natsUrl" -}}
+{{- if and .Values.nats.deploy (not .Values.nats.url) -}}
+nats://{{ include "accord.name" . }}-nats.{{ .Release.Namespace }}.svc:4222
+{{- else -}}
+{{ .Values.nats.url }}
+{{- end -}}
+{{- end -}}
 {{- define "accord.env" -}}
 - name: ACCORD_SIDECAR_IMAGE
   value: {{ .Values.sidecar.image | quote }}
 - name: ACCORD_NATIVE_SIDECARS
   value: {{ .Values.sidecar.nativeSidecars | quote }}
 - name: ACCORD_NATS_URL
-  value: {{ .Values.nats.url | quote }}
+  value: {{ include "accord.natsUrl" . | quote }}
 - name: ACCORD_STREAM_MAX_AGE_S
   value: {{ .Values.nats.stream.maxAgeSeconds | int64 | quote }}
 - name: ACCORD_STREAM_MAX_BYTES

@@ -49,6 +49,7 @@ KNOWN: Final = frozenset(
         "subscribe-bulk",
         "max-deliveries",
         "tpc-outcome-after-seconds",
+        "subscribe-start",
         *_RESOURCE_ANNOTATIONS,
     }
 )
@@ -81,6 +82,7 @@ class SidecarConfig:
     subscribe_bulk: int | None = None
     max_deliveries: int | None = None
     tpc_outcome_after_s: int | None = None
+    subscribe_start: str | None = None  # "all" | "new": where a new subscription starts
     resources: dict[str, dict[str, str]] = field(
         default_factory=lambda: {
             "requests": {"cpu": "50m", "memory": "64Mi"},
@@ -172,7 +174,12 @@ def parse(annotations: Mapping[str, str]) -> SidecarConfig:
         except ValueError as exc:
             raise AnnotationError(str(exc)) from None
 
+    subscribe_start = annotations.get(PREFIX + "subscribe-start")
+    if subscribe_start is not None and subscribe_start not in ("all", "new"):
+        raise AnnotationError(f"{PREFIX}subscribe-start: {subscribe_start!r} is not all or new")
+
     return SidecarConfig(
+        subscribe_start=subscribe_start,
         target_policies=target_policies,
         subscribe_concurrency=_int(annotations, "subscribe-concurrency", 1, 1000),
         subscribe_bulk=_int(annotations, "subscribe-bulk", 1, 1000),

@@ -129,9 +129,12 @@ def sidecar_container(
         Env.BULK_MAX: config.subscribe_bulk,
         Env.MAX_DELIVERIES: config.max_deliveries,
         Env.TPC_OUTCOME_AFTER_S: config.tpc_outcome_after_s,
+        Env.NEW_SUBSCRIPTIONS_START: config.subscribe_start,
     }
     env += [{"name": k, "value": str(v)} for k, v in optional.items() if v is not None]
-    env += [{"name": k, "value": v} for k, v in injector.broker_env]
+    # The cluster's broker settings, where the pod did not ask for its own.
+    env += [{"name": k, "value": v} for k, v in injector.broker_env if k not in optional
+            or optional[k] is None]  # fmt: skip
 
     def probe(path: str, period: int, failures: int) -> dict[str, Any]:
         return {

@@ -189,3 +189,25 @@ def saga_key_pair(key: str) -> tuple[str, str] | None:
         return None
     kind = parts.pop()
     return "/".join([*parts, generation] if generation else parts), kind
+
+
+# -- the broker's layout (the sidecar subscribes; the operator reads projections' progress) ----
+
+STREAM: Final = "ACCORD"  # one JetStream stream for every Accord topic
+SUBJECT_PREFIX: Final = "accord."  # topic `orders.events` is subject `accord.orders.events`
+
+
+def subject(topic: str) -> str:
+    return SUBJECT_PREFIX + topic
+
+
+def durable_name(app_id: str, topic: str) -> str:
+    """The consumer of one app on one topic: readable, and injective. Two different
+    (app, topic) pairs never share a consumer (the hash is over the exact pair), so no
+    app receives another app's events, however names are joined or truncated."""
+    import hashlib
+    import re
+
+    readable = re.sub(r"[^A-Za-z0-9_-]", "_", f"{app_id[:60]}-{topic[:60]}")
+    digest = hashlib.sha256(f"{app_id}\n{topic}".encode()).hexdigest()[:16]
+    return f"{readable}-{digest}"

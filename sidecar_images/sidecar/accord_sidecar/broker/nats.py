@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import re
 import time
@@ -26,25 +25,18 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError, NoStreamResponseError, NotFoundError
 
+import accord_wire as wire
+
 logger = logging.getLogger("accord.sidecar.broker")
 
-STREAM = "ACCORD"
-PREFIX = "accord."
+STREAM = wire.STREAM
+PREFIX = wire.SUBJECT_PREFIX
+durable_name = wire.durable_name
 DUPLICATE_WINDOW_S = 120
 _HEADER_OVERHEAD = len("NATS/1.0\r\n\r\n")
 
 
-def subject(topic: str) -> str:
-    return PREFIX + topic
-
-
-def durable_name(app_id: str, topic: str) -> str:
-    """The consumer of one app on one topic: readable, and injective. Two different
-    (app, topic) pairs never share a consumer (the hash is over the exact pair), so no
-    app receives another app's events, however names are joined or truncated."""
-    readable = re.sub(r"[^A-Za-z0-9_-]", "_", f"{app_id[:60]}-{topic[:60]}")
-    digest = hashlib.sha256(f"{app_id}\n{topic}".encode()).hexdigest()[:16]
-    return f"{readable}-{digest}"
+subject = wire.subject
 
 
 def legacy_durable_name(app_id: str, topic: str) -> str:

@@ -1,0 +1,112 @@
+"""A projector for demos and tests: the read side of CQRS for order events. Its sidecar
+delivers the topic's events (POST /events/<topic>, one CloudEvent or a batch); it keeps
+"orders by customer" in SQLite, one database per read model generation
+(ACCORD_PROJECTION_GENERATION, set by the operator), idempotent by event id: an event
+delivered twice counts once.
+
+    python examples/services/projector.py --port 8080 [--data /data]
+
+Events: data {"orderId", "customer", "amountCents"}.
+GET  /orders          {"generation", "events", "customers": {c: {"orders", "amountCents"}}}
+GET  /healthz         200 once the read model is open
+POST /_behave {"delayMs": N}   how long each delivery takes (tests make lag this way)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+
+class ReadModel:
+    def __init__(self, path: Path, generation: str) -> None:
+        self.generation = generation
+        self.conn = sqlite3.connect(path, isolation_level=None)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("CREATE TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY)")
+        self.conn.execute(
+            "CREATE TABLE IF NOT EXISTS customers "
+            "(customer TEXT PRIMARY KEY, orders INTEGER, cents INTEGER)"
+        )
+
+    def apply(self, events: list[dict[str, Any]]) -> None:
+        """One database transaction per delivery: all of it or none of it."""
+        c = self.conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            for event in events:
+                new = c.execute("INSERT OR IGNORE INTO seen VALUES (?)", (str(event.get("id")),))
+                if new.rowcount == 0:
+                    continue  # delivered again: already counted
+                data = event.get("data") if isinstance(event.get("data"), dict) else {}
+                customer = str(data.get("customer", "unknown"))
+                cents = int(data.get("amountCents", 0))
+                c.execute(
+                    "INSERT INTO customers VALUES (?, 1, ?) ON CONFLICT(customer) DO UPDATE "
+                    "SET orders = orders + 1, cents = cents + excluded.cents",
+                    (customer, cents),
+                )
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+
+    def summary(self) -> dict[str, Any]:
+        c = self.conn
+        return {
+            "generation": self.generation,
+            "events": c.execute("SELECT COUNT(*) FROM seen").fetchone()[0],
+            "customers": {
+                name: {"orders": n, "amountCents": cents}
+                for name, n, cents in c.execute("SELECT * FROM customers ORDER BY customer")
+            },
+        }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8080")))
+    parser.add_argument("--host", default="0.0.0.0")  # the query Service reaches it directly
+    parser.add_argument("--data", default=os.environ.get("PROJECTOR_DATA", "/tmp"))
+    args = parser.parse_args()
+    generation = os.environ.get("ACCORD_PROJECTION_GENERATION", "0")
+    model = ReadModel(Path(args.data) / f"orders-g{generation}.db", generation)
+    behaviour: dict[str, Any] = {}
+
+    async def events(request: web.Request) -> web.Response:
+        body = json.loads(await request.read())
+        batch = body if isinstance(body, list) else [body]
+        if behaviour.get("delayMs"):
+            await asyncio.sleep(behaviour["delayMs"] / 1000)
+        model.apply([e for e in batch if isinstance(e, dict)])
+        return web.json_response({"status": "SUCCESS"})
+
+    async def orders(_: web.Request) -> web.Response:
+        return web.json_response(model.summary())
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    async def behave(request: web.Request) -> web.Response:
+        behaviour.clear()
+        behaviour.update(await request.json())
+        return web.json_response(behaviour)
+
+    app = web.Application()
+    app.router.add_post("/events/{topic}", events)
+    app.router.add_get("/orders", orders)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_post("/_behave", behave)
+    print(f"projector: read model generation {generation} on :{args.port}", flush=True)
+    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""One pass over a CQRSProjection (the shell around projection.plan): make its objects as
+planned, read its projectors' readiness and the broker's figures, and say what the status
+should be. Rebuilds are blue/green: the generation asked for (spec.rebuildGeneration) runs
+beside the one that serves until it has caught up; then the query Service switches to it
+and the old generation's Deployment goes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from accord_operator.kubeapi import ApiError, KubeApi
+from accord_operator.projection import plan
+from accord_operator.projection.broker import BrokerUnavailable, BrokerView
+
+logger = logging.getLogger("accord.projection")
+
+
+def _deployments(namespace: str) -> str:
+    return f"/apis/apps/v1/namespaces/{namespace}/deployments"
+
+
+def _services(namespace: str) -> str:
+    return f"/api/v1/namespaces/{namespace}/services"
+
+
+async def _get(api: KubeApi, path: str) -> dict[str, Any] | None:
+    try:
+        obj: dict[str, Any] = await api.get(path)
+        return obj
+    except ApiError as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+async def ensure(api: KubeApi, collection: str, wanted: dict[str, Any]) -> dict[str, Any]:
+    """Make `wanted`, or bring the made one to it when it was made from another spec (a
+    merge patch of what we own: the API server keeps what others set, like a clusterIP)."""
+    name = wanted["metadata"]["name"]
+    made = await _get(api, f"{collection}/{name}")
+    if made is None:
+        try:
+            created: dict[str, Any] = await api.request("POST", collection, wanted)
+            return created
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+            made = await _get(api, f"{collection}/{name}")
+    if made is not None and plan.stale(made, wanted):
+        patched: dict[str, Any] = await api.request(
+            "PATCH", f"{collection}/{name}", wanted, content_type="application/merge-patch+json"
+        )
+        return patched
+    assert made is not None
+    return made
+
+
+def _ready(deployment: Mapping[str, Any] | None) -> int:
+    return int(((deployment or {}).get("status") or {}).get("readyReplicas") or 0)
+
+
+async def reconcile(
+    api: KubeApi, broker: BrokerView, proj: Mapping[str, Any], now: str
+) -> dict[str, Any]:
+    """Make what the projection needs; the status it should show now."""
+    meta, spec = proj["metadata"], proj["spec"]
+    status: Mapping[str, Any] = proj.get("status") or {}
+    namespace, name = meta["namespace"], meta["name"]
+    target = int(spec.get("rebuildGeneration", 0))
+    serving = int(status.get("servingGeneration", target))
+    if serving > target:  # cannot happen (rebuildGeneration only grows); serve the target
+        serving = target
+
+    made = await ensure(api, _deployments(namespace), plan.deployment(proj, target))
+    if serving != target:
+        await ensure(api, _deployments(namespace), plan.deployment(proj, serving))
+
+    problem = None
+    progress = None
+    try:
+        progress = await broker.progress(
+            plan.app_id(name, target), spec["source"]["topic"], int(status.get("position", 0))
+        )
+    except BrokerUnavailable as exc:
+        problem = str(exc)
+    if progress is not None and not progress.stream_found:
+        problem = "no stream ACCORD on the broker yet (the first sidecar to connect makes it)"
+
+    ready = _ready(made)
+    new = plan.next_status(proj, target, progress, ready, now, problem)
+    caught_up = new["phase"] == "Live"
+    if serving != target and not caught_up:
+        # Rebuilding beside the generation that serves: queries still see the old model.
+        new["servingGeneration"] = serving
+        new["phase"] = "Rebuilding"
+        new["message"] = f"generation {target} catching up ({new.get('lag', '?')} behind); " + (
+            f"generation {serving} serves queries"
+        )
+        new["conditions"] = plan.conditions_for(
+            list(status.get("conditions") or []), "Rebuilding", "Rebuilding", new["message"],
+            new["observedGeneration"], now,
+        )  # fmt: skip
+    await ensure(api, _services(namespace), plan.query_service(proj, new["servingGeneration"]))
+    if new["servingGeneration"] == target:
+        await _remove_other_generations(api, namespace, name, target)
+    return new
+
+
+async def _remove_other_generations(api: KubeApi, namespace: str, name: str, keep: int) -> None:
+    selector = f"{plan.LABEL}={name},{plan.GENERATION_LABEL}!={keep}"
+    listing = await api.get(f"{_deployments(namespace)}?labelSelector={selector}")
+    for item in listing.get("items") or []:
+        old = item["metadata"]["name"]
+        logger.info("projection %s/%s: generation %s serves; removing %s", namespace, name,
+                    keep, old)  # fmt: skip
+        try:
+            await api.request("DELETE", f"{_deployments(namespace)}/{old}")
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
