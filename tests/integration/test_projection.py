@@ -1,0 +1,221 @@
+"""CQRSProjection on real parts: the API server, a real `nats-server -js`, the operator
+process, and the projector (examples/services/projector.py) behind a real sidecar, as the
+operator's Deployment would run them. No kubelet runs here, so the test stands in for one:
+it marks the projector's pod ready once the real processes are up (the in-cluster suite
+runs them as real pods). Everything the status says comes from the broker."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from accord_operator.envtest.controlplane import free_port
+from tests.support.cluster import REPO, Cluster
+from tests.support.dataplane import NatsServer, Process, Sidecar, _wait_port, request, wait_until
+from tests.support.operator import OperatorProcess, run_operator
+
+PROJECTOR = REPO / "examples" / "services" / "projector.py"
+TOPIC = "orders.events"
+
+
+@dataclass
+class Bed:
+    cluster: Cluster
+    namespace: str
+    tmp: Path
+    nats: NatsServer
+    publisher: Sidecar
+    operator: OperatorProcess
+    stack: ExitStack
+
+    def publish(self, n: int, start: int = 0) -> int:
+        """n order events through the publisher's sidecar; the last stream sequence."""
+        seq = 0
+        for i in range(start, start + n):
+            event = {"id": f"o-{i}", "customer": f"c{i % 5}", "amountCents": 100 + i}
+            status, body, _ = request(
+                "POST", f"{self.publisher.api}/v1/publish/{TOPIC}", event,
+                headers={"Accord-Idempotency-Key": f"o-{i}"},
+            )  # fmt: skip
+            assert status == 200, body
+            seq = int(body["sequence"])
+        return seq
+
+    def projection(self, **spec: Any) -> dict[str, Any]:
+        return {
+            "apiVersion": "accord.dev/v1alpha1",
+            "kind": "CQRSProjection",
+            "metadata": {"name": "orders"},
+            "spec": {
+                "source": {"topic": TOPIC},
+                "projector": {"image": "samples", "args": ["projector.py"], "port": 8080},
+                **spec,
+            },
+        }
+
+    def status(self) -> dict[str, Any]:
+        status: dict[str, Any] = (
+            self.cluster.get("proj", "orders", self.namespace).get("status") or {}
+        )
+        return status
+
+    def projector(self, generation: int, delay_ms: int = 0) -> tuple[Process, Sidecar]:
+        """The projector of one generation and its sidecar, as its pod would run them."""
+        port = free_port()
+        data = self.tmp / f"g{generation}"
+        data.mkdir(exist_ok=True)
+        app = Process(
+            [sys.executable, str(PROJECTOR), "--port", str(port), "--host", "127.0.0.1",
+             "--data", str(data)],
+            self.tmp / f"projector-g{generation}.log",
+            env={"ACCORD_PROJECTION_GENERATION": str(generation)},
+        ).start()  # fmt: skip
+        self.stack.callback(app.close)
+        assert app.proc is not None
+        _wait_port(port, app.proc, app.log)
+        if delay_ms:
+            request("POST", f"http://127.0.0.1:{port}/_behave", {"delayMs": delay_ms})
+        sidecar = Sidecar(
+            self.tmp, f"orders-g{generation}",  # the app id the injector would give its pod
+            ACCORD_NATS_URL=self.nats.url, ACCORD_SUBSCRIBE=TOPIC, ACCORD_APP_PORT=str(port),
+            ACCORD_CONCURRENCY="1", ACCORD_NEW_SUBSCRIPTIONS_START="all",
+        ).start()  # fmt: skip
+        self.stack.callback(sidecar.close)
+        app.port = port  # type: ignore[attr-defined]
+        return app, sidecar
+
+    def read_model(self, app: Process) -> dict[str, Any]:
+        _, body, _ = request("GET", f"http://127.0.0.1:{app.port}/orders")  # type: ignore[attr-defined]
+        model: dict[str, Any] = body
+        return model
+
+    def mark_ready(self, generation: int) -> None:
+        """Stand in for the kubelet: the generation's pod runs (as processes) and is ready."""
+
+        def pods() -> list[dict[str, Any]]:
+            out = self.cluster.kubectl(
+                "get", "pods", "-n", self.namespace, "-o", "json",
+                "-l", f"accord.dev/projection-generation={generation}",
+            )  # fmt: skip
+            items: list[dict[str, Any]] = json.loads(out)["items"]
+            return items
+
+        for pod in wait_until(pods, timeout=30, message="the Deployment made no pod"):
+            status = {
+                "status": {
+                    "phase": "Running",
+                    "conditions": [
+                        {"type": t, "status": "True"} for t in ("PodScheduled", "Initialized",
+                                                                 "ContainersReady", "Ready")
+                    ],
+                }
+            }  # fmt: skip
+            self.cluster.kubectl(
+                "patch", "pod", pod["metadata"]["name"], "-n", self.namespace,
+                "--subresource=status", "--type=merge", "-p", json.dumps(status),
+            )  # fmt: skip
+
+
+def expected_model(n: int) -> dict[str, Any]:
+    customers: dict[str, Any] = {}
+    for i in range(n):
+        c = customers.setdefault(f"c{i % 5}", {"orders": 0, "amountCents": 0})
+        c["orders"] += 1
+        c["amountCents"] += 100 + i
+    return customers
+
+
+@pytest.fixture
+def bed(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[Bed]:
+    with ExitStack() as stack:
+        nats = NatsServer(tmp_path).start()
+        stack.callback(nats.close)
+        publisher = Sidecar(tmp_path, "orders-api", ACCORD_NATS_URL=nats.url).start()
+        stack.callback(publisher.close)
+        operator = stack.enter_context(
+            run_operator(cluster, tmp_path, env={"ACCORD_NATS_URL": nats.url})
+        )
+        yield Bed(cluster, namespace, tmp_path, nats, publisher, operator, stack)
+
+
+def test_status_tells_the_brokers_truth_while_the_projector_catches_up(bed: Bed) -> None:
+    last = bed.publish(120)  # a backlog before the projection exists
+    bed.cluster.apply(bed.projection(), bed.namespace)
+    deployment = bed.cluster.wait_for("deployment", "orders-g0", bed.namespace, lambda d: d)
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["accord.dev/subscribe"] == TOPIC
+    service = bed.cluster.get("service", "orders", bed.namespace)
+    assert service["spec"]["selector"]["accord.dev/projection-generation"] == "0"
+    # No projector runs yet: every event is still to be projected.
+    wait_until(lambda: bed.status().get("lag") == 120, timeout=30)
+    assert bed.status()["phase"] == "Pending"
+
+    app, _ = bed.projector(0, delay_ms=40)  # slow enough to be seen catching up
+    bed.mark_ready(0)
+    seen = wait_until(
+        lambda: (s := bed.status()).get("phase") == "CatchingUp" and 0 < s["lag"] < 120 and s,
+        timeout=60,
+    )
+    assert seen["position"] < last
+    live = wait_until(lambda: (s := bed.status()).get("phase") == "Live" and s, timeout=90)
+    assert (live["lag"], live["position"], live["eventsProcessed"]) == (0, last, 120)
+    assert live["lastEventTime"] and live["servingGeneration"] == 0
+    conditions = {c["type"]: c["status"] for c in live["conditions"]}
+    assert conditions == {"Ready": "True", "Reconciling": "False", "Stalled": "False"}
+    model = bed.read_model(app)
+    assert model["events"] == 120 and model["customers"] == expected_model(120)
+
+    # A burst: lag shows in the status, then 0 again.
+    last = bed.publish(60, start=120)
+    wait_until(lambda: bed.status().get("lag", 0) > 0, timeout=30)
+    live = wait_until(
+        lambda: (s := bed.status()).get("phase") == "Live" and s["position"] == last and s,
+        timeout=90,
+    )
+    assert live["eventsProcessed"] == 180
+    assert bed.read_model(app)["customers"] == expected_model(180)
+    assert bed.operator.metric("accord_projection_lag", namespace=bed.namespace,
+                               projection="orders") == 0  # fmt: skip
+
+
+def test_a_rebuild_runs_beside_the_serving_generation_and_takes_over_once_caught_up(
+    bed: Bed,
+) -> None:
+    bed.publish(80)
+    bed.cluster.apply(bed.projection(), bed.namespace)
+    old, _ = bed.projector(0)
+    bed.mark_ready(0)
+    wait_until(lambda: bed.status().get("phase") == "Live", timeout=60)
+
+    bed.cluster.kubectl("patch", "proj", "orders", "-n", bed.namespace, "--type=merge",
+                        "-p", '{"spec": {"rebuildGeneration": 1}}')  # fmt: skip
+    bed.cluster.wait_for("deployment", "orders-g1", bed.namespace, lambda d: d)
+    rebuilding = wait_until(lambda: (s := bed.status()).get("phase") == "Rebuilding" and s)
+    assert rebuilding["servingGeneration"] == 0
+    # The query Service stays on the old read model while the new one fills.
+    service = bed.cluster.get("service", "orders", bed.namespace)
+    assert service["spec"]["selector"]["accord.dev/projection-generation"] == "0"
+    assert bed.read_model(old)["events"] == 80
+
+    new, _ = bed.projector(1, delay_ms=20)
+    bed.mark_ready(1)
+    live = wait_until(
+        lambda: (s := bed.status()).get("phase") == "Live" and s.get("servingGeneration") == 1
+        and s, timeout=90,
+    )  # fmt: skip
+    assert (live["observedRebuildGeneration"], live["eventsProcessed"]) == (1, 80)
+    service = bed.cluster.get("service", "orders", bed.namespace)
+    assert service["spec"]["selector"]["accord.dev/projection-generation"] == "1"
+    wait_until(lambda: not bed.cluster.exists("deployment", "orders-g0", bed.namespace))
+    # The rebuilt model is the old one, event for event.
+    assert (
+        bed.read_model(new)["customers"] == bed.read_model(old)["customers"] == expected_model(80)
+    )
+    assert bed.operator.metric("accord_projection_generation_switches_total") == 1
