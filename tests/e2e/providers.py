@@ -31,6 +31,7 @@ IMAGES = {
     "operator": ("operator/Dockerfile", "."),
     "sidecar": ("sidecar_images/sidecar/Dockerfile", "sidecar_images/sidecar"),
     "samples": ("examples/services/Dockerfile", "."),
+    "nats": ("hack/images/nats.Dockerfile", ""),  # context: this machine's nats-server
 }
 
 
@@ -203,6 +204,11 @@ def kind_cluster(workdir: Path) -> Iterator[E2ECluster]:
         refs = {}
         for image, (dockerfile, context) in IMAGES.items():
             ref = f"accord/{image}:e2e"
+            if not context:  # the nats image: the nats-server binary alone
+                staged = workdir / image
+                staged.mkdir(exist_ok=True)
+                shutil.copy2(shutil.which("nats-server") or "nats-server", staged / "nats-server")
+                context = str(staged)
             run(
                 "docker",
                 "build",

@@ -112,7 +112,7 @@ def test_controller_and_webhook_run_as_pods_under_their_own_service_accounts(
 ) -> None:
     pods = accord.get("pods", "-n", SYSTEM)["items"]
     by_component = {p["metadata"]["labels"]["app.kubernetes.io/component"]: p for p in pods}
-    assert set(by_component) == {"controller", "webhook"}
+    assert set(by_component) == {"controller", "webhook", "broker"}  # broker: nats.deploy
     for pod in pods:
         assert pod["status"]["phase"] == "Running"
         assert all(c["ready"] for c in pod["status"]["containerStatuses"])
@@ -513,12 +513,143 @@ def test_a_participant_cut_off_after_its_vote_learns_the_decision_with_its_own_a
     assert any("no word from the coordinator" in line for line in own), own
 
 
-def test_projection_resources_are_accepted(accord: E2ECluster) -> None:
+READS = "reads"
+PUBLISH = """
+import json, os, time, urllib.request, urllib.error
+n = int(os.environ["N"])
+for i in range(n):
+    event = {"id": f"o-{i}", "customer": f"c{i % 5}", "amountCents": 100 + i}
+    while True:  # until the sidecar (and its broker) take it; the same id: stored once
+        try:
+            request = urllib.request.Request(
+                "http://127.0.0.1:3500/v1/publish/orders.events", data=json.dumps(event).encode(),
+                headers={"Content-Type": "application/json", "Accord-Idempotency-Key": event["id"]})
+            with urllib.request.urlopen(request, timeout=10) as r:
+                last = json.load(r)["sequence"]
+            break
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.2)
+print("published", n, "last sequence", last)
+"""
+
+
+def publish(k8s: E2ECluster, namespace: str, n: int) -> str:
+    """A pod with the sidecar injected publishes n order events through it."""
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": f"orders-api-{n}", "annotations": {"accord.dev/inject": "true"},
+                     "labels": {"app": "orders-api"}},
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [{
+                "name": "publish", "image": k8s.images["samples"], "imagePullPolicy": "Never",
+                "args": ["-c", PUBLISH], "env": [{"name": "N", "value": str(n)}],
+                "securityContext": RESTRICTED,
+            }],
+        },
+    }  # fmt: skip
+    k8s.apply(pod, namespace=namespace)
+    k8s.wait_until(
+        f"{n} events published",
+        lambda: (
+            k8s.get("pod", pod["metadata"]["name"], "-n", namespace)["status"].get("phase")
+            in ("Succeeded", "Failed")
+        ),
+        timeout=180,
+    )
+    return k8s.kubectl("logs", pod["metadata"]["name"], "-n", namespace, "-c", "publish")
+
+
+def projection_status(k8s: E2ECluster) -> dict[str, Any]:
+    status: dict[str, Any] = k8s.get("proj", "orders", "-n", READS).get("status") or {}
+    return status
+
+
+def query(k8s: E2ECluster, name: str) -> dict[str, Any]:
+    """GET /orders through the projection's query Service, from a pod in the cluster."""
+    code = (
+        "import urllib.request, sys; "
+        f"sys.stdout.write(urllib.request.urlopen('http://orders.{READS}.svc/orders').read().decode())"
+    )
+    out = run_pod(k8s, READS, name, code)
+    model: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return model
+
+
+def test_a_projection_runs_as_pods_and_its_status_tells_the_truth(accord: E2ECluster) -> None:
+    """The write side publishes through its sidecar; the projection's projector runs as a
+    pod with the sidecar injected and subscribed; the status comes from the broker; queries
+    go through the projection's Service. Then a rebuild (blue/green) and a pause."""
+    accord.kubectl("create", "namespace", READS)
+    assert "published 300" in publish(accord, READS, 300)
+    proj = yaml.safe_load((EXAMPLES / "projection-orders.yaml").read_text())
+    proj["metadata"] = {"name": "orders", "namespace": READS}
+    proj["spec"]["projector"].update(image=accord.images["samples"], imagePullPolicy="Never")
+    accord.kubectl("create", "-f", "-", input=json.dumps(proj))
+    live = accord.wait_until(
+        "the projection Live",
+        lambda: (s := projection_status(accord)).get("phase") == "Live" and s,
+        timeout=180,
+    )
+    assert (live["lag"], live["eventsProcessed"], live["servingGeneration"]) == (0, 300, 0)
+    pods = accord.get("pods", "-n", READS, "-l", "accord.dev/projection=orders")["items"]
+    assert [p["spec"]["initContainers"][0]["name"] for p in pods] == ["accord-sidecar"]
+    model = query(accord, "query-0")
+    assert (model["generation"], model["events"]) == ("0", 300)
+    assert sum(c["orders"] for c in model["customers"].values()) == 300
+
+    # Rebuild: generation 1 fills beside generation 0, then takes over the Service.
+    accord.kubectl("patch", "proj", "orders", "-n", READS, "--type=merge",
+                   "-p", '{"spec": {"rebuildGeneration": 1}}')  # fmt: skip
+    accord.wait_until(
+        "generation 1 serves",
+        lambda: (
+            (s := projection_status(accord)).get("phase") == "Live"
+            and s.get("servingGeneration") == 1
+        ),
+        timeout=180,
+    )
+    rebuilt = query(accord, "query-1")
+    assert (rebuilt["generation"], rebuilt["customers"]) == ("1", model["customers"])
+    accord.wait_until(
+        "generation 0 removed",
+        lambda: not accord.get("deployments", "-n", READS, "-l",
+                               "accord.dev/projection-generation=0")["items"],
+    )  # fmt: skip
+
+    # Paused: no projector runs, the position is kept; resumed, it catches up.
+    accord.kubectl("patch", "proj", "orders", "-n", READS, "--type=merge",
+                   "-p", '{"spec": {"paused": true}}')  # fmt: skip
+    accord.wait_until(
+        "paused",
+        lambda: projection_status(accord).get("message", "").startswith("paused"),
+    )
+    assert accord.get("deployment", "orders-g1", "-n", READS)["spec"]["replicas"] == 0
+    assert "published 20" in publish(accord, READS, 20)  # ids o-0..o-19 again: duplicates
+    accord.kubectl("patch", "proj", "orders", "-n", READS, "--type=merge",
+                   "-p", '{"spec": {"paused": false}}')  # fmt: skip
+    resumed = accord.wait_until(
+        "resumed and Live",
+        lambda: (s := projection_status(accord)).get("phase") == "Live" and s,
+        timeout=180,
+    )
+    assert resumed["eventsProcessed"] == 300  # the broker dropped the re-published ids
+    events = accord.kubectl("get", "events", "-n", READS, "--field-selector",
+                            "involvedObject.kind=CQRSProjection", "-o", "json")  # fmt: skip
+    reasons = {e["reason"] for e in json.loads(events)["items"]}
+    assert {"CatchingUp", "Live", "Rebuilding", "Switched"} <= reasons or {
+        "Live",
+        "Switched",
+    } <= reasons
+
+
+def test_projection_example_is_accepted(accord: E2ECluster) -> None:
     accord.kubectl("apply", "-n", SHOP, "-f", str(EXAMPLES / "projection-orders.yaml"))
     accord.wait_until(
-        "the projection Pending",
+        "the example projection reconciled",
         lambda: all(
-            (i.get("status") or {}).get("phase") == "Pending"
+            (i.get("status") or {}).get("phase") in ("Pending", "CatchingUp", "Live")
             for i in accord.get("proj", "-n", SHOP)["items"]
         ),
     )

@@ -90,7 +90,7 @@ def test_operator_tracks_spec_changes_in_observed_generation(
     proj = example("projection-orders.yaml")
     cluster.apply(proj, namespace)
     cluster.wait_for("proj", proj["metadata"]["name"], namespace, lambda o: "status" in o)
-    proj["spec"]["replicas"] = 2
+    proj["spec"]["source"]["maxDeliveries"] = 7
     cluster.apply(proj, namespace)
     obj = cluster.wait_for(
         "proj",

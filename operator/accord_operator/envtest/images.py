@@ -9,12 +9,12 @@ from pathlib import Path
 
 from accord_operator.envtest.binaries import HACK
 
-NAMES = ("operator", "sidecar", "samples")
+NAMES = ("operator", "sidecar", "samples", "nats")
 
 
 @dataclass(frozen=True)
 class Image:
-    name: str  # operator, sidecar or samples
+    name: str  # operator, sidecar, samples or nats
     ref: str  # localhost/accord/<name>:<content hash>
     archive: Path
 

@@ -52,7 +52,11 @@ def install_chart(kubeconfig: Path, images: dict[str, str], *extra: str) -> None
         "--set", f"image.tag={tag}",
         "--set", "image.pullPolicy=Never",
         "--set", f"sidecar.image={images['sidecar']}",
+        # The chart's development broker, from our nats image (no registry here).
+        "--set", "nats.deploy=true",
         "--set", "nats.url=",
+        "--set", f"nats.image={images['nats']}",
+        "--set", "nats.pullPolicy=Never",
         *extra,
     )  # fmt: skip
 

@@ -37,13 +37,23 @@ class BrokerView:
             if self._nc is None or self._nc.is_closed:
                 if not self.url:
                     raise BrokerUnavailable("no broker configured (ACCORD_NATS_URL)")
+
+                async def quiet(exc: Exception) -> None:  # said once, by the caller
+                    logger.debug("broker %s: %s", self.url, exc)
+
                 try:
-                    self._nc = await nats.connect(
-                        self.url,
-                        connect_timeout=CONNECT_TIMEOUT_S,
-                        allow_reconnect=True,
-                        max_reconnect_attempts=-1,
-                        name="accord-operator",
+                    # No reconnecting inside the client: a lost connection is closed, and
+                    # the next pass connects again (a pass never hangs on the broker).
+                    self._nc = await asyncio.wait_for(
+                        nats.connect(
+                            self.url,
+                            connect_timeout=CONNECT_TIMEOUT_S,
+                            allow_reconnect=False,
+                            max_reconnect_attempts=0,
+                            error_cb=quiet,
+                            name="accord-operator",
+                        ),
+                        CONNECT_TIMEOUT_S * 2,
                     )
                 except Exception as exc:
                     self._nc = None

@@ -228,6 +228,8 @@ def next_status(
         message = f"{status['lag']} event(s) behind the stream"
     else:
         phase, reason, message = "Live", "Live", "caught up with the stream"
+    if int(spec.get("partitions", 1)) > 1:
+        message += "; partitions > 1 are not split yet: one projector reads them all, in order"
     status.update(phase=phase, message=message)
     status["conditions"] = conditions_for(
         list(old.get("conditions") or []), phase, reason, message, status["observedGeneration"], now

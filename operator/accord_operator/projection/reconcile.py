@@ -6,6 +6,7 @@ and the old generation's Deployment goes."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -15,6 +16,7 @@ from accord_operator.projection import plan
 from accord_operator.projection.broker import BrokerUnavailable, BrokerView
 
 logger = logging.getLogger("accord.projection")
+BROKER_TIMEOUT_S = 10.0  # one pass never waits longer on the broker
 
 
 def _deployments(namespace: str) -> str:
@@ -80,11 +82,16 @@ async def reconcile(
     problem = None
     progress = None
     try:
-        progress = await broker.progress(
-            plan.app_id(name, target), spec["source"]["topic"], int(status.get("position", 0))
+        progress = await asyncio.wait_for(
+            broker.progress(
+                plan.app_id(name, target), spec["source"]["topic"], int(status.get("position", 0))
+            ),
+            BROKER_TIMEOUT_S,
         )
     except BrokerUnavailable as exc:
         problem = str(exc)
+    except TimeoutError:
+        problem = f"the broker did not answer within {BROKER_TIMEOUT_S:g} s"
     if progress is not None and not progress.stream_found:
         problem = "no stream ACCORD on the broker yet (the first sidecar to connect makes it)"
 
