@@ -8,6 +8,9 @@ delivered twice counts once.
 
 Events: data {"orderId", "customer", "amountCents"}.
 GET  /orders          {"generation", "events", "customers": {c: {"orders", "amountCents"}}}
+     ?minSequence=S    read your writes: first waits (up to 5 s) until its sidecar has every
+                       event up to stream sequence S (what the writer's /v1/publish returned)
+                       projected; 504 if not
 GET  /healthz         200 once the read model is open
 POST /_behave {"delayMs": N}   how long each delivery takes (tests make lag this way)
 """
@@ -22,7 +25,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
+from aiohttp import ClientSession, web
 
 
 class ReadModel:
@@ -88,7 +91,17 @@ def main() -> None:
         model.apply([e for e in batch if isinstance(e, dict)])
         return web.json_response({"status": "SUCCESS"})
 
-    async def orders(_: web.Request) -> web.Response:
+    topic = os.environ.get("ACCORD_PROJECTION_TOPIC", "orders.events")
+    sidecar = f"http://127.0.0.1:{os.environ.get('ACCORD_SIDECAR_HTTP_PORT', '3500')}"
+
+    async def orders(request: web.Request) -> web.Response:
+        at_least = request.query.get("minSequence")
+        if at_least is not None:
+            url = f"{sidecar}/v1/subscriptions/{topic}/processed"
+            params = {"atLeast": at_least, "timeoutMs": "5000"}
+            async with ClientSession() as session, session.get(url, params=params) as r:
+                if r.status != 200:
+                    return web.json_response(await r.json(), status=r.status)
         return web.json_response(model.summary())
 
     async def healthz(_: web.Request) -> web.Response:

@@ -45,7 +45,7 @@ def test_a_generation_runs_as_one_deployment_whose_pods_subscribe_through_the_si
     (container,) = template["spec"]["containers"]
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env == {"ACCORD_PROJECTION_GENERATION": "2", "ACCORD_PROJECTION_NAME": "orders",
-                   "READ_MODEL": "x"}  # fmt: skip
+                   "ACCORD_PROJECTION_TOPIC": "orders.events", "READ_MODEL": "x"}  # fmt: skip
     assert container["args"] == ["projector.py"]
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     # The selector names the generation: two generations never share pods.

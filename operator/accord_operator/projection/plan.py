@@ -25,6 +25,7 @@ GENERATION_LABEL: str = f"{GROUP}/projection-generation"
 SPEC_HASH: str = f"{GROUP}/spec-hash"  # on a made object: the desired spec it was made from
 GENERATION_ENV = "ACCORD_PROJECTION_GENERATION"  # which read model the projector fills
 NAME_ENV = "ACCORD_PROJECTION_NAME"
+TOPIC_ENV = "ACCORD_PROJECTION_TOPIC"  # the topic, for read-your-writes waits on its sidecar
 QUERY_PORT = 80  # the query Service's port, to the projector's own port
 # What PSS `restricted` asks of a container.
 RESTRICTED: dict[str, Any] = {
@@ -80,6 +81,7 @@ def deployment(proj: Mapping[str, Any], generation: int) -> dict[str, Any]:
         "env": [
             {"name": GENERATION_ENV, "value": str(generation)},
             {"name": NAME_ENV, "value": name},
+            {"name": TOPIC_ENV, "value": source["topic"]},
             *(
                 {"name": e["name"], "value": str(e.get("value", ""))}
                 for e in projector.get("env") or []

@@ -130,6 +130,10 @@ class Subscriber:
         self._sub: Any = None
         self.problem: str | None = None  # shown on /readyz while delivery is not happening
         self.label = metrics.topic_label(topic)
+        # Read your writes: the stream sequence up to which every event of the topic was
+        # settled here, in order (one delivery in flight; else the broker's ack floor).
+        self.position = 0
+        self._moved = asyncio.Event()  # set on every settle: waiters look again
 
     async def run(self) -> None:
         """Fetch and deliver until stopped. Never dies: a broker that is away, or that came
@@ -244,8 +248,36 @@ class Subscriber:
                 await msg.ack()
             else:
                 await msg.nak(delay=self._backoff(delivered))
+                return
         except Exception as exc:
             logger.warning("subscription %s: could not settle event: %s", self.topic, exc)
+            return
+        if self.config.concurrency == 1:
+            self.position = max(self.position, int(msg.metadata.sequence.stream))
+            self._moved.set()
+
+    async def processed(self, at_least: int, timeout_s: float) -> tuple[bool, int]:
+        """Wait until every event up to stream sequence `at_least` is settled (projected,
+        dropped or dead-lettered), at most `timeout_s`: (reached, the position now). The
+        broker's ack floor counts too: after a restart, or with deliveries in parallel."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        asked = -1.0
+        while True:
+            if self.position < at_least and loop.time() - asked >= 0.25:
+                asked = loop.time()  # the broker, at most 4 times a second per waiter
+                with contextlib.suppress(Exception):
+                    if self.broker.connected:
+                        floor = await self.broker.ack_floor(self.config.app_id, self.topic)
+                        self.position = max(self.position, floor)
+            if self.position >= at_least:
+                return True, self.position
+            left = deadline - loop.time()
+            if left <= 0:
+                return False, self.position
+            self._moved.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._moved.wait(), min(left, 0.25))
 
     async def _post_bulk(self, msgs: list[Any]) -> list[tuple[str, str]]:
         """Bulk delivery: one POST of a CloudEvents batch; the app may answer per event with

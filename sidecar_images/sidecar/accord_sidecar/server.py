@@ -79,7 +79,29 @@ class Sidecar:
             return web.json_response({"status": "shutting down"}, status=202)
 
         app.router.add_post("/v1/shutdown", shutdown)
+        app.router.add_get("/v1/subscriptions/{topic}/processed", self._processed)
         return app
+
+    async def _processed(self, request: web.Request) -> web.Response:
+        """Read your writes: GET /v1/subscriptions/<topic>/processed?atLeast=S[&timeoutMs=T]
+        answers once every event of the topic up to stream sequence S (what /v1/publish
+        returned) is settled here, or 504 after T (5000, at most 60000) ms."""
+        topic = request.match_info["topic"]
+        sub = next((s for s in self.subscribers if s.topic == topic), None)
+        if sub is None:
+            return error(404, "not_subscribed", f"this sidecar does not subscribe to {topic!r}")
+        try:
+            at_least = int(request.query.get("atLeast", "0"))
+            timeout_ms = int(request.query.get("timeoutMs", "5000"))
+        except ValueError:
+            return error(400, "bad_request", "atLeast and timeoutMs are whole numbers")
+        if at_least < 0 or not 0 <= timeout_ms <= 60_000:
+            return error(400, "bad_request", "atLeast >= 0 and 0 <= timeoutMs <= 60000")
+        reached, position = await sub.processed(at_least, timeout_ms / 1000)
+        body = {"topic": topic, "processed": position, "atLeast": at_least}
+        if not reached:
+            return web.json_response({**body, "error": "timeout"}, status=504)
+        return web.json_response(body)
 
     def _inbound(self, inbound: Inbound) -> web.Application:
         app = web.Application(middlewares=[never_crash], client_max_size=self.config.max_body_bytes)

@@ -319,6 +319,15 @@ class Broker:
             return False, None
         return True, info.num_pending + info.num_ack_pending
 
+    async def ack_floor(self, app_id: str, topic: str) -> int:
+        """The stream sequence up to which the consumer has every event settled (0: none)."""
+        assert self.js is not None
+        try:
+            info = await self.js.consumer_info(STREAM, durable_name(app_id, topic), timeout=2)
+        except NotFoundError:
+            return 0
+        return int(info.ack_floor.stream_seq or 0)
+
     async def close(self) -> None:
         self._closing = True
         if self.nc is not None and not self.nc.is_closed:
