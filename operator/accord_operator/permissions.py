@@ -50,6 +50,11 @@ CONTROLLER_NOT_SEEN: Final[dict[tuple[str, str], tuple[frozenset[str], str]]] = 
         "checked by the API server inside pod creation, never called directly",
     ),
     ("", "pods"): (frozenset({"delete"}), "only when a job step's pod outlives its timeout"),
+    ("accord.dev", "twophasetransactions"): (
+        frozenset({"get"}),
+        "a transaction is driven from the object its watch delivered and read again only when "
+        "a write finds it changed meanwhile (no in-cluster scenario races two writers)",
+    ),
     ("accord.dev", "cqrsprojections/finalizers"): (
         frozenset({"update"}),
         "checked by the API server inside the creation of a projection's Deployment",
