@@ -78,6 +78,27 @@ def injected_namespace(name: str, **labels: str) -> list[dict[str, Any]]:
     ]
 
 
+def behind_inbound(
+    name: str, labels: dict[str, str], template: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """A Deployment of `template`, and its Service on the sidecar's inbound port (what the
+    saga and 2PC wire contracts call)."""
+    return [
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": name},
+            "spec": {"selector": {"matchLabels": labels}, "template": template},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": name},
+            "spec": {"selector": labels, "ports": [{"name": "inbound", "port": 3501}]},
+        },
+    ]
+
+
 def participant(samples_image: str, role: str, **pod_spec: Any) -> list[dict[str, Any]]:
     """A sample participant (examples/services/shop.py) as a Deployment, and its Service,
     which points at the sidecar's inbound port as the saga wire contract expects."""
@@ -93,20 +114,7 @@ def participant(samples_image: str, role: str, **pod_spec: Any) -> list[dict[str
         "metadata": {"labels": labels, "annotations": {"accord.dev/app-port": "8080"}},
         "spec": {"serviceAccountName": PARTICIPANT_SA, "containers": [container], **pod_spec},
     }
-    return [
-        {
-            "apiVersion": "apps/v1",
-            "kind": "Deployment",
-            "metadata": {"name": role},
-            "spec": {"selector": {"matchLabels": labels}, "template": template},
-        },
-        {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": {"name": role},
-            "spec": {"selector": labels, "ports": [{"name": "inbound", "port": 3501}]},
-        },
-    ]
+    return behind_inbound(role, labels, template)
 
 
 def ledger(
@@ -138,20 +146,7 @@ def ledger(
             "volumes": [{"name": "data", "emptyDir": {}}],
         },
     }
-    return [
-        {
-            "apiVersion": "apps/v1",
-            "kind": "Deployment",
-            "metadata": {"name": name},
-            "spec": {"selector": {"matchLabels": labels}, "template": template},
-        },
-        {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": {"name": name},
-            "spec": {"selector": labels, "ports": [{"name": "inbound", "port": 3501}]},
-        },
-    ]
+    return behind_inbound(name, labels, template)
 
 
 def transaction_reader_binding(namespace: str) -> dict[str, Any]:
