@@ -110,8 +110,13 @@ def test_lag_and_position_come_from_the_consumers_pending_counts() -> None:
 def test_a_topic_with_no_events_is_live_once_a_projector_runs() -> None:
     assert status(Progress(True, 0))["phase"] == "Live"  # the filter matches nothing
     assert status(Progress(True, 0), ready=0)["phase"] == "Pending"
-    # No consumer yet: everything on the topic is still to be projected.
+    # No consumer yet: everything on the topic is still to be projected (or nothing, when
+    # it starts with what comes next).
     assert status(Progress(True, 7))["lag"] == 7
+    new_only = plan.next_status(
+        proj(source={"topic": "orders.events", "startFrom": "New"}), 0, Progress(True, 7), 1, NOW
+    )
+    assert (new_only["lag"], new_only["phase"]) == (0, "Live")
 
 
 def test_deliveries_that_keep_failing_degrade_it_and_a_broker_away_stalls_it() -> None:

@@ -201,8 +201,10 @@ def next_status(
             eventsProcessed=max(0, progress.topic_events - lag),
         )
     elif progress is not None:
-        # No consumer yet: every event of the topic is still to be projected.
-        status.update(position=0, lag=progress.topic_events, eventsProcessed=0)
+        # No consumer yet: every event of the topic is still to be projected (none, for a
+        # projection that starts with what comes next).
+        backlog = 0 if spec["source"].get("startFrom") == "New" else progress.topic_events
+        status.update(position=0, lag=backlog, eventsProcessed=0)
     if progress is not None and progress.last_event_time:
         status["lastEventTime"] = progress.last_event_time
     elif old.get("lastEventTime"):
