@@ -6,7 +6,9 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 hack/setup.sh
 set +e
-.venv/bin/pytest "$@"
+# Two workers: the in-cluster scenarios run on one of them, in order (tests/e2e/conftest.py),
+# while the other takes the rest; each worker starts its own local control plane.
+.venv/bin/pytest -n "${ACCORD_TEST_WORKERS:-2}" --dist loadgroup "$@"
 code=$?
 set -e
 if [[ $code -eq 5 ]]; then
