@@ -5,7 +5,6 @@ CI); kind only where a Docker engine runs."""
 from __future__ import annotations
 
 from collections.abc import Generator, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -44,12 +43,3 @@ def pytest_runtest_makereport(
         if isinstance(cluster, E2ECluster):
             report.sections.append(("cluster state", cluster.diagnose()))
     return report
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # Under xdist (hack/test.sh runs two workers) every in-cluster scenario goes to one
-    # worker, in file order: they share one cluster per provider and build on each other.
-    here = str(Path(__file__).parent)
-    for item in items:
-        if str(item.path).startswith(here):
-            item.add_marker(pytest.mark.xdist_group("e2e"))
