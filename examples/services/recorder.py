@@ -123,7 +123,7 @@ def main() -> None:
     args = parser.parse_args()
     recorder = Recorder(args.name)
     app = web.Application(client_max_size=64 << 20)
-    app.router.add_route("*", "/{path:.*}", recorder.handle)
+    app.router.add_route("*", r"/{path:[\s\S]*}", recorder.handle)
     print(f"{args.name} listening on {args.host}:{args.port}", flush=True)
     web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
 
