@@ -17,6 +17,7 @@ from accord_operator.projection.broker import BrokerUnavailable, BrokerView
 
 logger = logging.getLogger("accord.projection")
 BROKER_TIMEOUT_S = 10.0  # one pass never waits longer on the broker
+_tidied: set[tuple[str, int]] = set()  # (projection uid, generation) whose old ones are gone
 
 
 def _deployments(namespace: str) -> str:
@@ -110,8 +111,12 @@ async def reconcile(
             new["observedGeneration"], now,
         )  # fmt: skip
     await ensure(api, _services(namespace), plan.query_service(proj, new["servingGeneration"]))
-    if new["servingGeneration"] == target:
+    # The old generations go once the target serves: listed once per generation and
+    # process (after a restart, leftovers are found again), not on every pass.
+    tidy = (meta["uid"], target)
+    if new["servingGeneration"] == target and tidy not in _tidied:
         await _remove_other_generations(api, namespace, name, target)
+        _tidied.add(tidy)
     return new
 
 
