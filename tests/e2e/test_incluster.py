@@ -458,8 +458,13 @@ def test_transactions_commit_and_abort_across_ledger_pods(bank: E2ECluster) -> N
     assert [line.split(" -> ")[0] for line in overdraft_a[1:]] == [
         "ledger-a: abort bank/t-overdraft"
     ]
-    overdraft_b = ledger_lines(bank, "ledger-b", "t-overdraft")
-    assert overdraft_b[-1].startswith("ledger-b: abort bank/t-overdraft"), overdraft_b
+    # ledger-a's abort vote may be back before ledger-b's prepare goes out: then ledger-b is
+    # never called (it holds nothing, an abort has nothing to undo); otherwise it is told.
+    overdraft_b = [line.split(" -> ")[0] for line in ledger_lines(bank, "ledger-b", "t-overdraft")]
+    assert overdraft_b in (
+        [],
+        ["ledger-b: prepare bank/t-overdraft", "ledger-b: abort bank/t-overdraft"],
+    ), overdraft_b
 
 
 def behave(k8s: E2ECluster, name: str, how: dict[str, Any]) -> None:
