@@ -7,7 +7,9 @@ import base64
 import contextlib
 import json
 import logging
+import os
 import random
+import socket
 from typing import Any
 
 import aiohttp
@@ -15,7 +17,14 @@ from aiohttp import web
 
 import accord_wire as wire
 from accord_sidecar import metrics
-from accord_sidecar.broker.nats import Broker, BrokerUnavailable, ConsumerClash, TooLarge
+from accord_sidecar.broker.nats import (
+    OWNER_TTL_S,
+    Broker,
+    BrokerUnavailable,
+    ConsumerClash,
+    TooLarge,
+    durable_name,
+)
 from accord_sidecar.cloudevents import BATCH, STRUCTURED, EnvelopeError, batch, envelope
 from accord_sidecar.config import TOPIC, Config
 from accord_sidecar.errors import error, read_body
@@ -23,6 +32,7 @@ from accord_sidecar.errors import error, read_body
 logger = logging.getLogger("accord.sidecar.pubsub")
 BATCH_LIMIT = 1000
 HEADERS = {"Content-Type": STRUCTURED}
+NOT_YET = "its consumer is not made yet"
 
 
 class Publisher:
@@ -109,13 +119,72 @@ class Publisher:
         return web.json_response(out[0] if content_type != BATCH else {"results": out})
 
 
+class Ownership:
+    """Which sidecar of an app delivers an ordered subscription: the holder of a claim on
+    the broker (OWNERS_BUCKET, one key per consumer), renewed every OWNER_TTL_S / 5. The
+    holder counts itself the owner only until 60% of the claim's life after its last
+    renewal was sent, so it stops before the broker can let another sidecar take over."""
+
+    def __init__(self, broker: Broker, key: str, holder: str) -> None:
+        self.broker = broker
+        self.key = key
+        self.holder = holder
+        self.revision: int | None = None
+        self.valid_until = 0.0
+        self.gained = 0  # how often this sidecar became the owner
+
+    @property
+    def held(self) -> bool:
+        return self.revision is not None and asyncio.get_running_loop().time() < self.valid_until
+
+    async def renew(self) -> None:
+        loop = asyncio.get_running_loop()
+        sent = loop.time()
+        try:
+            revision = await asyncio.wait_for(
+                self.broker.claim(self.key, self.holder, self.revision), OWNER_TTL_S / 5
+            )
+        except Exception as exc:  # the broker is away: the claim lapses unless renewed
+            logger.debug("claim %s not renewed: %s", self.key, exc)
+            return
+        if revision is None:
+            if self.revision is not None:
+                logger.warning("no longer delivering %s: another sidecar owns it", self.key)
+            self.revision = None
+            return
+        if self.revision is None:
+            self.gained += 1
+        self.revision = revision
+        self.valid_until = sent + OWNER_TTL_S * 0.6
+
+    async def release(self) -> None:
+        if self.revision is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.broker.release(self.key, self.revision), 2)
+            self.revision = None
+
+
+def holder_name(config: Config) -> str:
+    """This sidecar, as an owner: its pod (host name) and ports, so that the same sidecar
+    restarted takes its claim back at once; the process id too when a port is picked at
+    random (two sidecars of one host could share the rest)."""
+    ports = (config.http_port, config.inbound_port, config.admin_port)
+    name = f"{socket.gethostname()}/{'-'.join(map(str, ports))}"
+    return f"{name}/{os.getpid()}" if 0 in ports else name
+
+
 class Subscriber:
     """One durable pull consumer for one topic, delivering to POST /events/<topic>.
 
     2xx (or {"status": "SUCCESS"}) acks; {"status": "DROP"} acks without processing;
-    anything else is redelivered with backoff, and the last failure after max deliveries
-    goes to <topic>.dlq with the reason. With concurrency 1 (the default) a failing event
-    holds back the ones after it: delivery stays ordered per subject.
+    anything else is delivered again with backoff, and the last failure after max
+    deliveries goes to <topic>.dlq with the reason.
+
+    With concurrency 1 (the default) delivery is ordered per subject: one sidecar of the
+    app (the owner, see Ownership) pulls up to `prefetch` events at a time and delivers
+    them one after another; a failing event is retried here and holds back the ones after
+    it. Other replicas stand by and take over, from the first unacked event, when the owner
+    stops or dies. With concurrency > 1 every replica pulls and delivers in parallel.
     """
 
     def __init__(
@@ -128,17 +197,186 @@ class Subscriber:
         self.stopping = asyncio.Event()
         self.in_flight: set[asyncio.Task[None]] = set()
         self._sub: Any = None
-        self.problem: str | None = None  # shown on /readyz while delivery is not happening
+        # Shown on /readyz while delivery is not happening (or not set up yet).
+        self.problem: str | None = NOT_YET
         self.label = metrics.topic_label(topic)
         # Read your writes: the stream sequence up to which every event of the topic was
         # settled here, in order (one delivery in flight; else the broker's ack floor).
         self.position = 0
         self._moved = asyncio.Event()  # set on every settle: waiters look again
+        self.ordered = config.concurrency == 1
+        self.ownership = Ownership(broker, durable_name(config.app_id, topic), holder_name(config))
+        self.standby = False  # ordered, and another replica delivers
 
     async def run(self) -> None:
         """Fetch and deliver until stopped. Never dies: a broker that is away, or that came
         back without this consumer (or the stream), is waited for and the consumer made
         again, with a log line and /readyz saying so meanwhile."""
+        if self.ordered:
+            await self._run_ordered()
+        else:
+            await self._run_concurrent()
+
+    async def _run_ordered(self) -> None:
+        renewing = asyncio.create_task(self._keep_ownership())
+        try:
+            await self._deliver_while_owner()
+        finally:
+            renewing.cancel()
+            await asyncio.gather(renewing, return_exceptions=True)
+
+    async def _keep_ownership(self) -> None:
+        await self.broker.wait_connected()
+        while not self.stopping.is_set():
+            await self.ownership.renew()
+            await self._pause(OWNER_TTL_S / 5)
+
+    async def _deliver_while_owner(self) -> None:
+        prefetch = max(self.config.prefetch, self.config.bulk_max)
+        # Held events outlive this only if the owner hangs; a new owner does not wait for
+        # it (it rewinds the consumer), nor does this sidecar restarted.
+        ack_wait_s = 2 * self.config.timeout_ms / 1000 + self.config.redelivery_max_ms / 1000 + 30
+        bound_at = 0  # the ownership (Ownership.gained) the consumer was bound for
+        idle = 0
+        exists = False  # the consumer, as far as this sidecar knows
+        while not self.stopping.is_set():
+            try:
+                if not self.ownership.held:
+                    if not self.standby and self.ownership.gained:
+                        logger.info("subscription %s: standing by", self.topic)
+                    self.standby = True
+                    if self._sub is not None:
+                        self._sub = None
+                    if not exists:  # a standby too makes it (where a "new" consumer starts)
+                        await self.broker.wait_connected()
+                        sub = await self.broker.consumer(
+                            self.config.app_id, self.topic, prefetch, ack_wait_s
+                        )
+                        await sub.unsubscribe()
+                        exists, self.problem = True, None
+                    await self._pause(0.2)
+                    continue
+                if self.standby:
+                    logger.info("subscription %s: this sidecar delivers", self.topic)
+                self.standby = False
+                if self._sub is None or bound_at != self.ownership.gained:
+                    await self.broker.wait_connected()
+                    rewind = bound_at != self.ownership.gained
+                    self._sub = await self.broker.consumer(
+                        self.config.app_id, self.topic, prefetch, ack_wait_s, rewind=rewind
+                    )
+                    bound_at = self.ownership.gained
+                    self.position = 0  # perhaps a new consumer, or stream: the broker knows
+                    exists = True
+                    if self.problem is not None and self.problem != NOT_YET:
+                        logger.info("subscription %s: delivering again", self.topic)
+                    self.problem = None
+                msgs = await self._sub.fetch(batch=prefetch, timeout=1)
+                idle = 0
+            except TimeoutError:
+                idle += 1
+                if idle % 5 == 0:
+                    await self._check_consumer()
+                continue
+            except ConsumerClash as exc:
+                self._trouble(str(exc), logging.ERROR)
+                await self._pause(10)
+                continue
+            except Exception as exc:  # broker away: keep trying, never die
+                if self.stopping.is_set():
+                    break
+                self._trouble(f"{exc or type(exc).__name__}", logging.WARNING)
+                self._sub, exists = None, False
+                await self._pause(0.5)
+                continue
+            if msgs:
+                metrics.CONSUMER_LAG.labels(self.label).set(msgs[-1].metadata.num_pending)
+            task = asyncio.create_task(self._deliver_in_order(msgs, ack_wait_s))
+            self.in_flight.add(task)
+            task.add_done_callback(self.in_flight.discard)
+            await asyncio.wait([task])
+
+    async def _deliver_in_order(self, msgs: list[Any], ack_wait_s: float) -> None:
+        """Deliver fetched events in stream order, `bulk_max` per POST. Returns early when
+        stopping or no longer the owner: the rest stay unacked, for the next owner. Those
+        waiting their turn are kept from being handed out again (JetStream's in-progress),
+        however long the app takes."""
+        bulk = self.config.bulk_max
+        i = 0
+
+        async def hold() -> None:
+            while True:
+                await asyncio.sleep(ack_wait_s / 3)
+                for msg in msgs[i:]:
+                    with contextlib.suppress(Exception):
+                        await msg.in_progress()
+
+        holding = asyncio.create_task(hold())
+        try:
+            while i < len(msgs):
+                if self.stopping.is_set() or not self.ownership.held:
+                    return
+                chunk = msgs[i : i + bulk]
+                if not await self._deliver_chunk(chunk):
+                    return
+                self._advance(_seq(chunk[-1]))
+                i += len(chunk)
+        finally:
+            holding.cancel()
+
+    async def _deliver_chunk(self, chunk: list[Any]) -> bool:
+        """Deliver a run of events until each is acked or dead-lettered: those the app did
+        not take are posted again (still in order) after a backoff, holding back every later
+        event. False when it stopped first (stopping, or no longer the owner)."""
+        attempts = {_seq(m): m.metadata.num_delivered for m in chunk}
+        for msg in chunk:
+            if msg.metadata.num_delivered > 1:
+                metrics.REDELIVERIES.labels(self.label).inc()
+        pending = chunk
+        while pending:
+            if len(pending) == 1 and self.config.bulk_max == 1:
+                outcomes = [await self._post(pending[0].data)]
+            else:
+                outcomes = await self._post_bulk(pending)
+            again = []
+            for msg, (outcome, reason) in zip(pending, outcomes, strict=True):
+                metrics.DELIVERIES.labels(self.label, outcome).inc()
+                if outcome not in ("success", "drop"):
+                    if attempts[_seq(msg)] < self.config.max_deliveries:
+                        again.append(msg)
+                        continue
+                    try:
+                        await self._dead_letter(msg, reason, attempts[_seq(msg)])
+                    except Exception as exc:
+                        logger.warning(
+                            "subscription %s: could not dead-letter: %s", self.topic, exc
+                        )
+                        again.append(msg)
+                        continue
+                await self._ack(msg)
+            pending = again
+            if not pending:
+                break
+            metrics.REDELIVERIES.labels(self.label).inc(len(pending))
+            await self._pause(self._backoff(attempts[_seq(pending[0])]))
+            if self.stopping.is_set() or not self.ownership.held:
+                return False
+            for msg in pending:
+                attempts[_seq(msg)] += 1
+        return True
+
+    async def _ack(self, msg: Any) -> None:
+        try:
+            await msg.ack()
+        except Exception as exc:
+            logger.warning("subscription %s: could not ack event: %s", self.topic, exc)
+
+    def _advance(self, seq: int) -> None:
+        """Every event up to `seq` is settled here: read-your-writes waiters look again."""
+        self.position = max(self.position, seq)
+        self._moved.set()
+
+    async def _run_concurrent(self) -> None:
         bulk = self.config.bulk_max
         idle = 0
         while not self.stopping.is_set():
@@ -152,7 +390,7 @@ class Subscriber:
                         # A delivery outlives this only if the app hangs past its timeout.
                         ack_wait_s=self.config.timeout_ms / 1000 + 5,
                     )
-                    if self.problem is not None:
+                    if self.problem is not None and self.problem != NOT_YET:
                         logger.info("subscription %s: delivering again", self.topic)
                     self.problem = None
                 free = self.config.concurrency - len(self.in_flight)
@@ -214,10 +452,13 @@ class Subscriber:
             await asyncio.wait_for(self.stopping.wait(), timeout=seconds)
 
     async def stop(self, grace_s: float) -> None:
-        """Stop fetching, let deliveries in flight finish; unacked events stay on the broker."""
+        """Stop fetching, let deliveries in flight finish; unacked events stay on the broker
+        (an ordered subscription gives up its ownership: a standby takes over now)."""
         self.stopping.set()
         if self.in_flight:
             await asyncio.wait(self.in_flight, timeout=grace_s)
+        if self.ordered:
+            await self.ownership.release()
 
     def _backoff(self, delivered: int) -> float:
         cap = min(
@@ -252,9 +493,6 @@ class Subscriber:
         except Exception as exc:
             logger.warning("subscription %s: could not settle event: %s", self.topic, exc)
             return
-        if self.config.concurrency == 1:
-            self.position = max(self.position, int(msg.metadata.sequence.stream))
-            self._moved.set()
 
     async def processed(self, at_least: int, timeout_s: float) -> tuple[bool, int]:
         """Wait until every event up to stream sequence `at_least` is settled (projected,
@@ -388,3 +626,7 @@ class Subscriber:
             data = json.dumps(dead).encode()
         await self.broker.publish(f"{self.topic}.dlq", data, dlq_id, HEADERS)
         metrics.DEAD_LETTERED.labels(self.label).inc()
+
+
+def _seq(msg: Any) -> int:
+    return int(msg.metadata.sequence.stream)

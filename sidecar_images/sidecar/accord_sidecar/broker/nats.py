@@ -23,7 +23,14 @@ from typing import Any
 import nats
 from nats.aio.client import Client
 from nats.js import JetStreamContext, api
-from nats.js.errors import BadRequestError, NoStreamResponseError, NotFoundError
+from nats.js.errors import (
+    BadRequestError,
+    BucketNotFoundError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NoStreamResponseError,
+    NotFoundError,
+)
 
 import accord_wire as wire
 
@@ -33,6 +40,10 @@ STREAM = wire.STREAM
 PREFIX = wire.SUBJECT_PREFIX
 durable_name = wire.durable_name
 DUPLICATE_WINDOW_S = 120
+# Ordered subscriptions: which sidecar of an app delivers (one at a time), a key per consumer
+# in this bucket. The broker forgets a claim OWNER_TTL_S after it was last renewed.
+OWNERS_BUCKET = "ACCORD_OWNERS"
+OWNER_TTL_S = 10.0
 _HEADER_OVERHEAD = len("NATS/1.0\r\n\r\n")
 
 
@@ -97,6 +108,7 @@ class Broker:
         self._recheck: asyncio.Task[None] | None = None
         self._closing = False
         self._had_stream = False  # seen once: missing later means the broker lost it
+        self._owners_kv: Any = None
 
     @property
     def connected(self) -> bool:
@@ -245,12 +257,20 @@ class Broker:
             delay = min(delay * 2, 0.5)
 
     async def consumer(
-        self, app_id: str, topic: str, max_ack_pending: int, ack_wait_s: float = 30
+        self,
+        app_id: str,
+        topic: str,
+        max_ack_pending: int,
+        ack_wait_s: float = 30,
+        rewind: bool = False,
     ) -> Any:
         """The durable pull subscription of app_id on topic, created when missing (also when
         the broker lost it). ack_wait_s: how long an unacked event (its sidecar died
-        mid-delivery) waits before JetStream delivers it again. ConsumerClash when the name
-        is taken by another subscription."""
+        mid-delivery) waits before JetStream delivers it again. rewind: events handed out
+        and not acked (to a sidecar that stopped or died) come first again, now, in stream
+        order (the consumer is made again from its ack floor): an ordered subscription's
+        new owner needs them before any later event. ConsumerClash when the name is taken
+        by another subscription."""
         assert self.js is not None
         durable = durable_name(app_id, topic)
         try:
@@ -267,10 +287,84 @@ class Broker:
                     f"(subject {c.filter_subject}), not {owner(app_id, topic)}; "
                     "not delivering from it"
                 )
+            if rewind and info.num_ack_pending:
+                floor = int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0
+                await self.js.delete_consumer(STREAM, durable)
+                await self._create_consumer(
+                    app_id, topic, durable, max_ack_pending, ack_wait_s, start_seq=floor + 1
+                )
+                logger.info(
+                    "consumer %s: %d events handed out and not acked are delivered again, "
+                    "from stream sequence %d",
+                    durable,
+                    info.num_ack_pending,
+                    floor + 1,
+                )
+            elif c.max_ack_pending != max_ack_pending or c.ack_wait != ack_wait_s:
+                await self.js.add_consumer(  # an update: the sidecar's settings changed
+                    STREAM, c.evolve(max_ack_pending=max_ack_pending, ack_wait=ack_wait_s)
+                )
         return await self.js.pull_subscribe_bind(durable, stream=STREAM)
 
+    async def claim(self, key: str, holder: str, revision: int | None) -> int | None:
+        """Take or keep the ownership of `key` for `holder` (a claim the broker forgets
+        OWNER_TTL_S after its last renewal). revision: of this holder's last claim, None
+        when it has none. The new revision, or None while another holder has it. A holder
+        that restarted (same name) takes its own claim back at once."""
+        try:
+            return await self._claim(key, holder, revision)
+        except (KeyWrongLastSequenceError, KeyNotFoundError):
+            raise
+        except Exception:
+            self._owners_kv = None  # the broker may have lost the bucket: made again next time
+            raise
+
+    async def _claim(self, key: str, holder: str, revision: int | None) -> int | None:
+        kv = await self._owners()
+        if revision is not None:
+            try:
+                return await kv.update(key, holder.encode(), last=revision)
+            except KeyWrongLastSequenceError:
+                pass  # lapsed (and perhaps taken): claim it like anyone else
+        try:
+            return await kv.create(key, holder.encode())
+        except KeyWrongLastSequenceError:
+            try:
+                entry = await kv.get(key)
+            except KeyNotFoundError:
+                return None  # it lapsed just now: the next claim takes it
+            if entry.value != holder.encode():
+                return None
+            try:
+                return await kv.update(key, holder.encode(), last=entry.revision)
+            except KeyWrongLastSequenceError:
+                return None
+
+    async def release(self, key: str, revision: int) -> None:
+        """Give up a claim (only if still ours), so another holder takes it now."""
+        kv = await self._owners()
+        with contextlib.suppress(KeyWrongLastSequenceError, KeyNotFoundError):
+            await kv.delete(key, last=revision)
+
+    async def _owners(self) -> Any:
+        assert self.js is not None
+        if self._owners_kv is None:
+            try:
+                self._owners_kv = await self.js.key_value(OWNERS_BUCKET)
+            except BucketNotFoundError:
+                self._owners_kv = await self.js.create_key_value(
+                    bucket=OWNERS_BUCKET, ttl=OWNER_TTL_S, history=1, replicas=self.stream.replicas
+                )
+        return self._owners_kv
+
     async def _create_consumer(
-        self, app_id: str, topic: str, durable: str, max_ack_pending: int, ack_wait_s: float
+        self,
+        app_id: str,
+        topic: str,
+        durable: str,
+        max_ack_pending: int,
+        ack_wait_s: float,
+        start_seq: int | None = None,
     ) -> None:
         assert self.js is not None
         start: dict[str, Any] = {
@@ -278,9 +372,14 @@ class Broker:
             if self.stream.new_consumers_start == "new"
             else api.DeliverPolicy.ALL
         }
+        if start_seq is not None:
+            start = {
+                "deliver_policy": api.DeliverPolicy.BY_START_SEQUENCE,
+                "opt_start_seq": start_seq,
+            }
         legacy = legacy_durable_name(app_id, topic)
         try:
-            old = await self.js.consumer_info(STREAM, legacy)
+            old = await self.js.consumer_info(STREAM, legacy) if start_seq is None else None
         except NotFoundError:
             old = None
         if old is not None and old.config.filter_subject == subject(topic):
