@@ -12,7 +12,8 @@ GET  /orders          {"generation", "events", "customers": {c: {"orders", "amou
                        event up to stream sequence S (what the writer's /v1/publish returned)
                        projected; 504 if not
 GET  /healthz         200 once the read model is open
-POST /_behave {"delayMs": N}   how long each delivery takes (tests make lag this way)
+POST /_behave {"delayMs": N, "failIds": [...]}   how long each delivery takes (tests make
+                  lag this way); events it answers 500 for (a poison event)
 """
 
 from __future__ import annotations
@@ -88,6 +89,11 @@ def main() -> None:
         batch = body if isinstance(body, list) else [body]
         if behaviour.get("delayMs"):
             await asyncio.sleep(behaviour["delayMs"] / 1000)
+        poison = set(behaviour.get("failIds") or ()) & {
+            e.get("id") for e in batch if isinstance(e, dict)
+        }
+        if poison:
+            return web.json_response({"error": f"cannot apply {sorted(poison)}"}, status=500)
         model.apply([e for e in batch if isinstance(e, dict)])
         return web.json_response({"status": "SUCCESS"})
 

@@ -354,3 +354,70 @@ def test_a_failing_event_holds_back_the_ones_after_it_then_is_dead_lettered(
     wait_until(lambda: len(_delivered_ids(app)) >= 32)
     time.sleep(0.3)
     assert _delivered_ids(app) == [ids[0]] * 3 + ids[1:]
+
+
+def test_partitions_keep_order_per_key_and_change_hands_as_replicas_come_and_go(
+    spawn: Callable[..., Any], nats: NatsServer
+) -> None:
+    """4 partitions, replicas scaled 1 -> 4 -> 2 while events flow (one stopped, one
+    killed), all delivering to one shared read model: every event arrives, the events of
+    each key in order (a replay after a handover may go back, never skip ahead), and each
+    replica takes its share of the partitions."""
+    app: Recorder = spawn(Recorder, "projector")
+    publisher = _publisher(spawn, nats)
+    keys = [f"customer-{k}" for k in range(12)]
+    ids: dict[str, list[str]] = {k: [] for k in keys}
+    stop = threading.Event()
+
+    def publish() -> None:
+        n = 0
+        while not stop.is_set():
+            key = keys[n % len(keys)]
+            status, body = _publish(publisher, "orders", {"n": n}, **{"Accord-Partition-Key": key})
+            assert status == 200, body
+            ids[key].append(body["id"])
+            n += 1
+            time.sleep(0.01)
+
+    def replica() -> Sidecar:
+        name = f"projector-{len(replicas)}"  # its log; one app id for all
+        return subscriber(spawn, nats.url, name, "orders", app, ACCORD_APP_ID="projector",
+                          ACCORD_PARTITIONS="4", ACCORD_PREFETCH="16")  # fmt: skip
+
+    def took(sidecar: Sidecar) -> bool:
+        return "this one takes partitions" in sidecar.log.read_text()
+
+    writer = threading.Thread(target=publish)
+    writer.start()
+    try:
+        replicas: list[Sidecar] = []
+        replicas.append(replica())
+        wait_until(lambda: len(app.calls("/events/orders")) >= 50)
+        for _ in range(3):  # scale to 4
+            replicas.append(replica())
+
+        def all_deliver() -> bool:
+            logs = [r.log.read_text() for r in replicas]
+            return all("4 replica(s)" in t and "this sidecar delivers" in t for t in logs)
+
+        wait_until(all_deliver, timeout=45, message="a replica never took its partition")
+        time.sleep(1)
+        replicas[3].close()  # scale to 2: one stops (gives its partition up), one is killed
+        replicas[2].kill()
+        wait_until(lambda: all("2 replica(s)" in r.log.read_text() for r in replicas[:2]),
+                   timeout=45)  # fmt: skip
+        time.sleep(2)
+    finally:
+        stop.set()
+        writer.join()
+    every = {i for k in keys for i in ids[k]}
+    wait_until(
+        lambda: {c["body"]["id"] for c in app.calls("/events/orders")} >= every,
+        timeout=60,
+        message="events lost",
+    )
+    calls = app.calls("/events/orders")
+    for key in keys:
+        mine = [c["body"]["id"] for c in calls if c["body"].get("partitionkey") == key]
+        assert _in_order_with_replays(mine, ids[key]), (key, mine, ids[key])
+    assert all(took(r) for r in replicas)

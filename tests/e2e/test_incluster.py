@@ -649,6 +649,53 @@ def test_a_projection_runs_as_pods_and_its_status_tells_the_truth(accord: E2EClu
     } <= reasons
 
 
+def test_a_partitioned_projection_shares_its_partitions_out_among_its_pods(
+    accord: E2ECluster,
+) -> None:
+    """partitions 2, replicas 2: two projector pods, each sidecar delivering one partition
+    (claims on the broker), together every event once; the status covers both."""
+    proj = yaml.safe_load((EXAMPLES / "projection-orders.yaml").read_text())
+    proj["metadata"] = {"name": "split", "namespace": READS}
+    proj["spec"]["projector"].update(image=accord.images["samples"], imagePullPolicy="Never")
+    proj["spec"].update(partitions=2, replicas=2)
+    accord.kubectl("create", "-f", "-", input=json.dumps(proj))
+
+    def status() -> dict[str, Any]:
+        return accord.get("proj", "split", "-n", READS).get("status") or {}
+
+    live = accord.wait_until(
+        "the partitioned projection Live",
+        lambda: (s := status()).get("phase") == "Live" and s,
+        timeout=180,
+    )
+    assert (live["lag"], live["eventsProcessed"], live["readyReplicas"]) == (0, 300, 2)
+    pods = accord.get("pods", "-n", READS, "-l", "accord.dev/projection=split")["items"]
+    assert len(pods) == 2
+
+    def sidecar_log(pod: dict[str, Any]) -> str:
+        return accord.kubectl("logs", "-n", READS, pod["metadata"]["name"], "-c", "accord-sidecar")
+
+    # The first pod up may have projected the backlog alone; once both share the
+    # partitions, new events go to each by partition.
+    accord.wait_until(
+        "each pod owns a partition",
+        lambda: all("2 replica(s); this one takes partitions" in sidecar_log(p) for p in pods),
+    )
+    assert "published 320" in publish(accord, READS, 320)  # o-300..o-319 are new
+    accord.wait_until("320 projected", lambda: status().get("eventsProcessed") == 320)
+    code = (
+        "import urllib.request, sys; "
+        "sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:8080/orders').read().decode())"
+    )
+    counts = []
+    for pod in pods:
+        name = pod["metadata"]["name"]
+        out = accord.kubectl("exec", "-n", READS, name, "-c", "projector", "--",
+                             "python", "-c", code)  # fmt: skip
+        counts.append(json.loads(out.strip().splitlines()[-1])["events"])
+    assert all(counts) and sum(counts) == 320, counts  # each its partition, each event once
+
+
 def test_projection_example_is_accepted(accord: E2ECluster) -> None:
     accord.kubectl("apply", "-n", SHOP, "-f", str(EXAMPLES / "projection-orders.yaml"))
     accord.wait_until(

@@ -66,15 +66,17 @@ class Bed:
         )
         return status
 
-    def projector(self, generation: int, delay_ms: int = 0) -> tuple[Process, Sidecar]:
+    def projector(
+        self, generation: int, delay_ms: int = 0, replica: int = 0, **env: str
+    ) -> tuple[Process, Sidecar]:
         """The projector of one generation and its sidecar, as its pod would run them."""
         port = free_port()
-        data = self.tmp / f"g{generation}"
+        data = self.tmp / f"g{generation}-{replica}"
         data.mkdir(exist_ok=True)
         app = Process(
             [sys.executable, str(PROJECTOR), "--port", str(port), "--host", "127.0.0.1",
              "--data", str(data)],
-            self.tmp / f"projector-g{generation}.log",
+            self.tmp / f"projector-g{generation}-{replica}.log",
             env={"ACCORD_PROJECTION_GENERATION": str(generation)},
         ).start()  # fmt: skip
         self.stack.callback(app.close)
@@ -83,9 +85,10 @@ class Bed:
         if delay_ms:
             request("POST", f"http://127.0.0.1:{port}/_behave", {"delayMs": delay_ms})
         sidecar = Sidecar(
-            self.tmp, f"orders-g{generation}",  # the app id the injector would give its pod
+            self.tmp, f"orders-g{generation}-{replica}",
+            ACCORD_APP_ID=f"orders-g{generation}",  # the app id the injector gives its pods
             ACCORD_NATS_URL=self.nats.url, ACCORD_SUBSCRIBE=TOPIC, ACCORD_APP_PORT=str(port),
-            ACCORD_CONCURRENCY="1", ACCORD_NEW_SUBSCRIPTIONS_START="all",
+            ACCORD_CONCURRENCY="1", ACCORD_NEW_SUBSCRIPTIONS_START="all", **env,
         ).start()  # fmt: skip
         self.stack.callback(sidecar.close)
         app.port = port  # type: ignore[attr-defined]
@@ -219,3 +222,51 @@ def test_a_rebuild_runs_beside_the_serving_generation_and_takes_over_once_caught
         bed.read_model(new)["customers"] == bed.read_model(old)["customers"] == expected_model(80)
     )
     assert bed.operator.metric("accord_projection_generation_switches_total") == 1
+
+
+def test_a_failing_event_degrades_it_with_the_reason_until_it_is_dead_lettered(bed: Bed) -> None:
+    """A poison event holds back the ones after it (order kept): the status says Degraded
+    with the app's answer, from the sidecar's report; after max deliveries it goes to the
+    dead-letter topic and the projection is Live again with everything else projected."""
+    bed.cluster.apply(bed.projection(source={"topic": TOPIC, "maxDeliveries": 7}), bed.namespace)
+    app, _ = bed.projector(0, ACCORD_MAX_DELIVERIES="7")
+    request("POST", f"http://127.0.0.1:{app.port}/_behave", {"failIds": ["o-3"]})  # type: ignore[attr-defined]
+    bed.mark_ready(0)
+    last = bed.publish(10)
+    degraded = wait_until(lambda: (s := bed.status()).get("phase") == "Degraded" and s, timeout=60)
+    assert "cannot apply ['o-3']" in degraded["message"], degraded["message"]
+    assert bed.read_model(app)["events"] == 3  # o-0..o-2; o-4.. wait behind o-3
+    # (The position may pass `last`: the dead-lettered copy went onto the stream after it.)
+    live = wait_until(
+        lambda: (s := bed.status()).get("phase") == "Live" and s["position"] >= last and s,
+        timeout=90,
+    )
+    assert live["eventsProcessed"] == 10
+    assert bed.read_model(app)["events"] == 9  # all but the poison one
+
+
+def test_partitions_are_shared_by_the_replicas_and_the_status_covers_them_all(bed: Bed) -> None:
+    bed.cluster.apply(bed.projection(partitions=2, replicas=2), bed.namespace)
+    deployment = bed.cluster.wait_for("deployment", "orders-g0", bed.namespace, lambda d: d)
+    assert deployment["spec"]["replicas"] == 2
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["accord.dev/subscribe-partitions"] == "2"
+    pods = [bed.projector(0, replica=r, ACCORD_PARTITIONS="2") for r in range(2)]
+    apps = [app for app, _ in pods]
+    bed.mark_ready(0)
+    wait_until(  # each sidecar has taken its share (one partition each)
+        lambda: all(
+            "2 replica(s)" in (log := sidecar.log.read_text()) and "this sidecar delivers" in log
+            for _, sidecar in pods
+        ),
+        timeout=30,
+    )
+    last = bed.publish(100)
+    live = wait_until(
+        lambda: (s := bed.status()).get("phase") == "Live" and s["position"] == last and s,
+        timeout=90,
+    )
+    assert (live["lag"], live["eventsProcessed"]) == (0, 100)
+    models = [bed.read_model(a) for a in apps]
+    assert all(m["events"] > 0 for m in models)  # each replica projects its partition
+    assert sum(m["events"] for m in models) == 100  # together: each event once

@@ -137,3 +137,35 @@ def test_a_status_is_written_only_when_it_says_something_new() -> None:
     moved = plan.next_status({**proj(), "status": first}, 0, Progress(True, 11, True, pending=1,
                              position=10), 1, NOW)  # fmt: skip
     assert plan.changed(first, moved)
+
+
+def test_partitions_are_shared_out_among_the_replicas() -> None:
+    d = plan.deployment(proj(partitions=4, replicas=3), 0)
+    assert d["spec"]["replicas"] == 3
+    assert (
+        d["spec"]["template"]["metadata"]["annotations"]["accord.dev/subscribe-partitions"] == "4"
+    )
+    one = plan.deployment(proj(), 0)
+    assert (
+        "accord.dev/subscribe-partitions" not in one["spec"]["template"]["metadata"]["annotations"]
+    )
+    # Never more replicas than partitions (admission refuses it too), none while paused.
+    assert plan.replicas({"partitions": 2, "replicas": 5}) == 2
+    assert plan.replicas({"partitions": 4, "replicas": 3, "paused": True}) == 0
+    # Each partition has its own consumer, none shared with the unpartitioned one.
+    names = {wire.consumer_name("orders-g0", "orders.events", (i, 4)) for i in range(4)}
+    assert len(names) == 4 and wire.consumer_name("orders-g0", "orders.events") not in names
+    assert wire.partition_of("customer-7", 4) == wire.partition_of("customer-7", 4)
+
+
+def test_a_failure_its_sidecar_reports_degrades_it_with_the_reason() -> None:
+    failing = plan.next_status(
+        proj(),
+        0,
+        Progress(True, 10, True, pending=5, ack_pending=1, position=4,
+                 failing="event 5 failed 3 time(s): app answered HTTP 500: boom"),
+        1,
+        NOW,
+    )  # fmt: skip
+    assert failing["phase"] == "Degraded"
+    assert "app answered HTTP 500: boom" in failing["message"] and "6 behind" in failing["message"]

@@ -47,6 +47,7 @@ KNOWN: Final = frozenset(
         "target-policies",
         "subscribe-concurrency",
         "subscribe-bulk",
+        "subscribe-partitions",
         "max-deliveries",
         "tpc-outcome-after-seconds",
         "subscribe-start",
@@ -80,6 +81,7 @@ class SidecarConfig:
     target_policies: str | None = None  # JSON, checked here, passed as ACCORD_TARGETS
     subscribe_concurrency: int | None = None
     subscribe_bulk: int | None = None
+    subscribe_partitions: int | None = None
     max_deliveries: int | None = None
     tpc_outcome_after_s: int | None = None
     subscribe_start: str | None = None  # "all" | "new": where a new subscription starts
@@ -183,6 +185,7 @@ def parse(annotations: Mapping[str, str]) -> SidecarConfig:
         target_policies=target_policies,
         subscribe_concurrency=_int(annotations, "subscribe-concurrency", 1, 1000),
         subscribe_bulk=_int(annotations, "subscribe-bulk", 1, 1000),
+        subscribe_partitions=_int(annotations, "subscribe-partitions", 1, 256),
         max_deliveries=_int(annotations, "max-deliveries", 1, 1000),
         tpc_outcome_after_s=_int(annotations, "tpc-outcome-after-seconds", 1, 86400),
         ports=ports,

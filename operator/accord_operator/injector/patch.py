@@ -127,6 +127,7 @@ def sidecar_container(
         Env.TARGETS: config.target_policies,
         Env.CONCURRENCY: config.subscribe_concurrency,
         Env.BULK_MAX: config.subscribe_bulk,
+        Env.PARTITIONS: config.subscribe_partitions,
         Env.MAX_DELIVERIES: config.max_deliveries,
         Env.TPC_OUTCOME_AFTER_S: config.tpc_outcome_after_s,
         Env.NEW_SUBSCRIPTIONS_START: config.subscribe_start,

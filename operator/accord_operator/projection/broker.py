@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 import logging
 from typing import Any
 
@@ -60,10 +61,14 @@ class BrokerView:
                     raise BrokerUnavailable(f"broker {self.url} unreachable: {exc}") from None
             return self._nc.jetstream()
 
-    async def progress(self, app_id: str, topic: str, known_position: int) -> Progress:
-        """The figures of the consumer `app_id` made for `topic` (accord_wire.durable_name),
-        and when the event at its position was published (read only when the position
-        moved past `known_position`)."""
+    async def progress(
+        self, app_id: str, topic: str, known_position: int, partitions: int = 1
+    ) -> Progress:
+        """The figures of the consumers `app_id` made for `topic` (one, or one per
+        partition: accord_wire.consumer_name), a failure its sidecar reports, and when the
+        event at the position was published (read only when the position moved past
+        `known_position`). Partitioned: the position is the lowest of the partitions' (all
+        of them have projected everything up to it), the lag the highest."""
         js = await self._js()
         subject = wire.subject(topic)
         try:
@@ -73,13 +78,20 @@ class BrokerView:
         except Exception as exc:
             raise BrokerUnavailable(f"cannot read stream {wire.STREAM}: {exc}") from None
         topic_events = int((stream.state.subjects or {}).get(subject, 0))
-        try:
-            info = await js.consumer_info(wire.STREAM, wire.durable_name(app_id, topic))
-        except NotFoundError:
-            return Progress(stream_found=True, topic_events=topic_events)
-        except Exception as exc:
-            raise BrokerUnavailable(f"cannot read the projector's consumer: {exc}") from None
-        position = int(info.ack_floor.stream_seq or 0)
+        names = (
+            [wire.consumer_name(app_id, topic)]
+            if partitions <= 1
+            else [wire.consumer_name(app_id, topic, (i, partitions)) for i in range(partitions)]
+        )
+        infos = []
+        for name in names:
+            try:
+                infos.append(await js.consumer_info(wire.STREAM, name))
+            except NotFoundError:
+                return Progress(stream_found=True, topic_events=topic_events)
+            except Exception as exc:
+                raise BrokerUnavailable(f"cannot read the projector's consumer: {exc}") from None
+        position = min(int(i.ack_floor.stream_seq or 0) for i in infos)
         when = None
         if position and position != known_position:
             try:
@@ -91,12 +103,32 @@ class BrokerView:
             stream_found=True,
             topic_events=topic_events,
             consumer_found=True,
-            pending=int(info.num_pending or 0),
-            ack_pending=int(info.num_ack_pending or 0),
+            pending=max(int(i.num_pending or 0) for i in infos),
+            ack_pending=max(int(i.num_ack_pending or 0) for i in infos),
             position=position,
-            redelivered=int(info.num_redelivered or 0),
+            redelivered=sum(int(i.num_redelivered or 0) for i in infos),
             last_event_time=when,
+            failing=await self._failing(js, names),
         )
+
+    async def _failing(self, js: Any, consumers: list[str]) -> str | None:
+        """What the sidecar reports failing on one of these consumers (None: nothing)."""
+        try:
+            kv = await js.key_value(wire.OWNERS_BUCKET)
+        except Exception:
+            return None  # no bucket yet: no ordered subscription ever ran
+        for name in consumers:
+            try:
+                entry = await kv.get(wire.failing_key(name))
+                report = json.loads(entry.value or b"{}")
+            except Exception:
+                continue
+            if isinstance(report, dict):
+                return (
+                    f"event {report.get('sequence')} failed {report.get('deliveries')} "
+                    f"time(s): {str(report.get('reason', ''))[:300]}"
+                )
+        return None
 
     async def close(self) -> None:
         if self._nc is not None and not self._nc.is_closed:

@@ -4,9 +4,11 @@ Service) and what the broker's figures mean (phase, lag, position).
 
 One generation of the read model runs as one Deployment, `<name>-g<generation>`: its pods
 carry the projector container and ask for the Accord sidecar, subscribed to the source
-topic with one delivery in flight (order kept). The sidecar names its durable consumer
-after its app, here `<name>-g<generation>` (accord_wire.durable_name): a new generation
-gets a new consumer, which starts from the beginning of the stream.
+topic in order (one sidecar delivers at a time). The sidecar names its durable consumer
+after its app, here `<name>-g<generation>` (accord_wire.consumer_name): a new generation
+gets a new consumer, which starts from the beginning of the stream. With `partitions` > 1
+there is a consumer per partition (events split by partition key) and the replicas' sidecars
+share the partitions out, one owner per partition at a time.
 """
 
 from __future__ import annotations
@@ -61,6 +63,13 @@ def _hashed(obj: dict[str, Any]) -> dict[str, Any]:
     return obj
 
 
+def replicas(spec: Mapping[str, Any]) -> int:
+    """Projector pods wanted: spec.replicas (at most partitions), 0 while paused."""
+    if spec.get("paused"):
+        return 0
+    return max(0, min(int(spec.get("replicas", 1)), int(spec.get("partitions", 1))))
+
+
 def deployment(proj: Mapping[str, Any], generation: int) -> dict[str, Any]:
     """The projector's Deployment for one generation of the read model."""
     meta, spec = proj["metadata"], proj["spec"]
@@ -103,7 +112,9 @@ def deployment(proj: Mapping[str, Any], generation: int) -> dict[str, Any]:
         # A new generation's consumer replays the retained stream (or only what comes).
         f"{GROUP}/subscribe-start": "new" if source.get("startFrom") == "New" else "all",
     }
-    replicas = 1 if int(spec.get("replicas", 1)) > 0 and not spec.get("paused") else 0
+    partitions = int(spec.get("partitions", 1))
+    if partitions > 1:  # split by partition key, shared out among the replicas
+        annotations[f"{GROUP}/subscribe-partitions"] = str(partitions)
     return _hashed({
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -114,9 +125,10 @@ def deployment(proj: Mapping[str, Any], generation: int) -> dict[str, Any]:
             "ownerReferences": [_owner(proj)],
         },
         "spec": {
-            "replicas": replicas,
-            # One projector at a time per generation: two would share one consumer and
-            # apply events of one key out of order.
+            "replicas": replicas(spec),
+            # Replaced all at once: a generation's read model is never written by two
+            # versions of its projector. (Within a version, replicas share the partitions
+            # out through their sidecars: each partition has one owner at a time.)
             "strategy": {"type": "Recreate"},
             "selector": {"matchLabels": {LABEL: name, GENERATION_LABEL: str(generation)}},
             "template": {
@@ -172,6 +184,7 @@ class Progress:
     position: int = 0  # stream sequence everything up to which is projected
     redelivered: int = 0  # delivered more than once and not yet acknowledged
     last_event_time: str | None = None
+    failing: str | None = None  # the head event keeps failing (its sidecar's report)
 
 
 def next_status(
@@ -186,7 +199,7 @@ def next_status(
     when it differs from the stored one in something but conditions' times)."""
     meta, spec = proj["metadata"], proj["spec"]
     old: Mapping[str, Any] = proj.get("status") or {}
-    wanted_replicas = 1 if int(spec.get("replicas", 1)) > 0 and not spec.get("paused") else 0
+    wanted_replicas = replicas(spec)
     status: dict[str, Any] = {
         "observedGeneration": int(meta.get("generation", 1)),
         "observedRebuildGeneration": generation,
@@ -221,6 +234,9 @@ def next_status(
         message = "paused: no projector runs; the position is kept by the broker"
     elif ready_replicas < 1:
         phase, reason, message = "Pending", "ProjectorNotReady", "waiting for a projector pod"
+    elif progress is not None and progress.failing:
+        phase, reason = "Degraded", "DeliveriesFailing"
+        message = f"{progress.failing}; {status.get('lag', 0)} behind"
     elif progress is not None and progress.redelivered > 0 and status.get("lag", 0) > 0:
         phase, reason = "Degraded", "DeliveriesFailing"
         message = (
@@ -232,8 +248,6 @@ def next_status(
         message = f"{status['lag']} event(s) behind the stream"
     else:
         phase, reason, message = "Live", "Live", "caught up with the stream"
-    if int(spec.get("partitions", 1)) > 1:
-        message += "; partitions > 1 are not split yet: one projector reads them all, in order"
     status.update(phase=phase, message=message)
     status["conditions"] = conditions_for(
         list(old.get("conditions") or []), phase, reason, message, status["observedGeneration"], now

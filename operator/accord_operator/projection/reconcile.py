@@ -85,7 +85,10 @@ async def reconcile(
     try:
         progress = await asyncio.wait_for(
             broker.progress(
-                plan.app_id(name, target), spec["source"]["topic"], int(status.get("position", 0))
+                plan.app_id(name, target),
+                spec["source"]["topic"],
+                int(status.get("position", 0)),
+                int(spec.get("partitions", 1)),
             ),
             BROKER_TIMEOUT_S,
         )

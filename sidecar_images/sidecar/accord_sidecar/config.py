@@ -95,6 +95,7 @@ class Config:
     concurrency: int = 1  # per subscription; 1 keeps delivery ordered per subject
     bulk_max: int = 1  # >1: deliver up to this many events in one POST (CloudEvents batch)
     prefetch: int = 256  # ordered delivery: events fetched from the broker per pull
+    partitions: int = 1  # >1: each subscription split by partition key, shared by replicas
     redelivery_initial_ms: int = 200
     redelivery_max_ms: int = 10_000
     retry: RetryDefaults = RetryDefaults()
@@ -180,6 +181,7 @@ class Config:
             concurrency=_int(env, "ACCORD_CONCURRENCY", 1, 1, 1000),
             bulk_max=_int(env, "ACCORD_BULK_MAX", 1, 1, 1000),
             prefetch=_int(env, "ACCORD_PREFETCH", 256, 1, 10_000),
+            partitions=_int(env, "ACCORD_PARTITIONS", 1, 1, 256),
             redelivery_initial_ms=_int(env, "ACCORD_REDELIVERY_INITIAL_MS", 200, 0, 3_600_000),
             redelivery_max_ms=_int(env, "ACCORD_REDELIVERY_MAX_MS", 10_000, 0, 3_600_000),
             retry=RetryDefaults(

@@ -23,7 +23,6 @@ from accord_sidecar.broker.nats import (
     BrokerUnavailable,
     ConsumerClash,
     TooLarge,
-    durable_name,
 )
 from accord_sidecar.cloudevents import BATCH, STRUCTURED, EnvelopeError, batch, envelope
 from accord_sidecar.config import TOPIC, Config
@@ -75,21 +74,27 @@ class Publisher:
                         event_id=request.headers.get(wire.IDEMPOTENCY_KEY),
                     )
                 ]
+            key = request.headers.get(wire.PARTITION_KEY)
+            if key is not None and content_type != BATCH:
+                if not 0 < len(key) <= 256:
+                    raise EnvelopeError(f"{wire.PARTITION_KEY} must be 1 to 256 characters")
+                events[0]["partitionkey"] = key
         except EnvelopeError as exc:
             metrics.PUBLISHED.labels(label, "invalid").inc()
             return error(400, "invalid_event", str(exc))
         encoded = [json.dumps(e).encode() for e in events]
+        headers = [_headers(e) for e in events]
         for i, data in enumerate(encoded):
             try:
-                self.broker.check_size(data, {**HEADERS, "Nats-Msg-Id": events[i]["id"]})
+                self.broker.check_size(data, {**headers[i], "Nats-Msg-Id": events[i]["id"]})
             except TooLarge as exc:
                 metrics.PUBLISHED.labels(label, "too_large").inc()
                 where = f"event [{i}]: " if content_type == BATCH else ""
                 return error(413, "event_too_large", where + str(exc))
         results = await asyncio.gather(
             *(
-                self.broker.publish(topic, data, e["id"], HEADERS)
-                for e, data in zip(events, encoded, strict=True)
+                self.broker.publish(topic, data, e["id"], h)
+                for e, data, h in zip(events, encoded, headers, strict=True)
             ),
             return_exceptions=True,
         )
@@ -119,6 +124,36 @@ class Publisher:
         return web.json_response(out[0] if content_type != BATCH else {"results": out})
 
 
+def _headers(event: dict[str, Any]) -> dict[str, str]:
+    """The NATS headers of an event on the stream: its partition key ("" for none, or
+    one a header cannot carry: a partitioned subscriber then reads it from the event)."""
+    key = event.get("partitionkey")
+    if key is None:
+        return {**HEADERS, wire.PARTITION_KEY: ""}
+    if isinstance(key, str) and key.isprintable() and key == key.strip() and 0 < len(key) <= 256:
+        return {**HEADERS, wire.PARTITION_KEY: key}
+    return HEADERS
+
+
+def partition_key(msg: Any) -> str:
+    """The key that picks an event's partition: its `partitionkey` (from the header our
+    publishers add, else from the event); an event without one goes by its id."""
+    headers = msg.headers or {}
+    key = headers.get(wire.PARTITION_KEY)
+    if key:
+        return str(key)
+    if key is None:  # published by someone else: read the event itself
+        try:
+            event = json.loads(msg.data)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            event = None
+        if isinstance(event, dict) and event.get("partitionkey") not in (None, ""):
+            return str(event["partitionkey"])
+        if isinstance(event, dict) and event.get("id"):
+            return str(event["id"])
+    return str(headers.get("Nats-Msg-Id") or msg.metadata.sequence.stream)
+
+
 class Ownership:
     """Which sidecar of an app delivers an ordered subscription: the holder of a claim on
     the broker (OWNERS_BUCKET, one key per consumer), renewed every OWNER_TTL_S / 5. The
@@ -132,12 +167,21 @@ class Ownership:
         self.revision: int | None = None
         self.valid_until = 0.0
         self.gained = 0  # how often this sidecar became the owner
+        self.wanted = True  # False: give it up (a partition that another replica should own)
+        self.nudged = asyncio.Event()  # `wanted` changed: claim or release now
 
     @property
     def held(self) -> bool:
-        return self.revision is not None and asyncio.get_running_loop().time() < self.valid_until
+        """Deliver now? (Not once this sidecar is to give it up.)"""
+        return (
+            self.wanted
+            and self.revision is not None
+            and asyncio.get_running_loop().time() < self.valid_until
+        )
 
     async def renew(self) -> None:
+        """Claim or renew (the caller releases an unwanted claim, once nothing is in
+        flight)."""
         loop = asyncio.get_running_loop()
         sent = loop.time()
         try:
@@ -159,9 +203,9 @@ class Ownership:
 
     async def release(self) -> None:
         if self.revision is not None:
+            revision, self.revision = self.revision, None  # no longer the owner, from now
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.broker.release(self.key, self.revision), 2)
-            self.revision = None
+                await asyncio.wait_for(self.broker.release(self.key, revision), 2)
 
 
 def holder_name(config: Config) -> str:
@@ -188,9 +232,15 @@ class Subscriber:
     """
 
     def __init__(
-        self, config: Config, broker: Broker, session: aiohttp.ClientSession, topic: str
+        self,
+        config: Config,
+        broker: Broker,
+        session: aiohttp.ClientSession,
+        topic: str,
+        partition: wire.Partition | None = None,
     ) -> None:
         self.config = config
+        self.partition = partition  # (index, count): only the events of this partition
         self.broker = broker
         self.session = session
         self.topic = topic
@@ -204,8 +254,10 @@ class Subscriber:
         # settled here, in order (one delivery in flight; else the broker's ack floor).
         self.position = 0
         self._moved = asyncio.Event()  # set on every settle: waiters look again
-        self.ordered = config.concurrency == 1
-        self.ownership = Ownership(broker, durable_name(config.app_id, topic), holder_name(config))
+        self.ordered = config.concurrency == 1 or partition is not None
+        self.ownership = Ownership(
+            broker, wire.consumer_name(config.app_id, topic, partition), holder_name(config)
+        )
         self.standby = False  # ordered, and another replica delivers
 
     async def run(self) -> None:
@@ -228,8 +280,18 @@ class Subscriber:
     async def _keep_ownership(self) -> None:
         await self.broker.wait_connected()
         while not self.stopping.is_set():
-            await self.ownership.renew()
-            await self._pause(OWNER_TTL_S / 5)
+            self.ownership.nudged.clear()
+            if self.ownership.wanted:
+                await self.ownership.renew()
+            elif self.ownership.revision is not None:
+                # To be given up: deliveries stop at the next event; the one at the app
+                # finishes first, so the next owner never overlaps it.
+                if self.in_flight:
+                    await asyncio.wait(self.in_flight)
+                await self.ownership.release()
+                logger.info("subscription %s: gave up %s", self.topic, self.ownership.key)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.ownership.nudged.wait(), OWNER_TTL_S / 5)
 
     async def _deliver_while_owner(self) -> None:
         prefetch = max(self.config.prefetch, self.config.bulk_max)
@@ -250,7 +312,11 @@ class Subscriber:
                     if not exists:  # a standby too makes it (where a "new" consumer starts)
                         await self.broker.wait_connected()
                         sub = await self.broker.consumer(
-                            self.config.app_id, self.topic, prefetch, ack_wait_s
+                            self.config.app_id,
+                            self.topic,
+                            prefetch,
+                            ack_wait_s,
+                            partition=self.partition,
                         )
                         await sub.unsubscribe()
                         exists, self.problem = True, None
@@ -263,7 +329,12 @@ class Subscriber:
                     await self.broker.wait_connected()
                     rewind = bound_at != self.ownership.gained
                     self._sub = await self.broker.consumer(
-                        self.config.app_id, self.topic, prefetch, ack_wait_s, rewind=rewind
+                        self.config.app_id,
+                        self.topic,
+                        prefetch,
+                        ack_wait_s,
+                        rewind=rewind,
+                        partition=self.partition,
                     )
                     bound_at = self.ownership.gained
                     self.position = 0  # perhaps a new consumer, or stream: the broker knows
@@ -311,6 +382,14 @@ class Subscriber:
                     with contextlib.suppress(Exception):
                         await msg.in_progress()
 
+        last = _seq(msgs[-1]) if msgs else 0
+        if self.partition is not None:
+            index, count = self.partition
+            theirs = [m for m in msgs if wire.partition_of(partition_key(m), count) != index]
+            for msg in theirs:  # another partition's: settled here by being passed over
+                await self._ack(msg)
+            if theirs:
+                msgs = [m for m in msgs if wire.partition_of(partition_key(m), count) == index]
         holding = asyncio.create_task(hold())
         try:
             while i < len(msgs):
@@ -321,28 +400,31 @@ class Subscriber:
                     return
                 self._advance(_seq(chunk[-1]))
                 i += len(chunk)
+            self._advance(last)
         finally:
             holding.cancel()
 
     async def _deliver_chunk(self, chunk: list[Any]) -> bool:
         """Deliver a run of events until each is acked or dead-lettered: those the app did
         not take are posted again (still in order) after a backoff, holding back every later
-        event. False when it stopped first (stopping, or no longer the owner)."""
+        event, and reported failing on the broker meanwhile (the projection's status shows
+        it). False when it stopped first (stopping, or no longer the owner)."""
         attempts = {_seq(m): m.metadata.num_delivered for m in chunk}
         for msg in chunk:
             if msg.metadata.num_delivered > 1:
                 metrics.REDELIVERIES.labels(self.label).inc()
-        pending = chunk
+        pending, reported = chunk, False
         while pending:
             if len(pending) == 1 and self.config.bulk_max == 1:
                 outcomes = [await self._post(pending[0].data)]
             else:
                 outcomes = await self._post_bulk(pending)
-            again = []
+            again, why = [], ""
             for msg, (outcome, reason) in zip(pending, outcomes, strict=True):
                 metrics.DELIVERIES.labels(self.label, outcome).inc()
                 if outcome not in ("success", "drop"):
                     if attempts[_seq(msg)] < self.config.max_deliveries:
+                        why = why or reason
                         again.append(msg)
                         continue
                     try:
@@ -358,12 +440,34 @@ class Subscriber:
             if not pending:
                 break
             metrics.REDELIVERIES.labels(self.label).inc(len(pending))
-            await self._pause(self._backoff(attempts[_seq(pending[0])]))
-            if self.stopping.is_set() or not self.ownership.held:
+            head = _seq(pending[0])
+            report = {"sequence": head, "deliveries": attempts[head], "reason": why[:500]}
+            reported = True
+            if not await self._wait_failing(report, self._backoff(attempts[head])):
                 return False
             for msg in pending:
                 attempts[_seq(msg)] += 1
+        if reported:
+            await self._report(None)
         return True
+
+    async def _wait_failing(self, report: dict[str, Any], seconds: float) -> bool:
+        """The backoff before the next attempt, the failure reported (again every few
+        seconds: the broker forgets a report after OWNER_TTL_S). False when stopping or
+        no longer the owner."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + seconds
+        while True:
+            await self._report(report)
+            await self._pause(min(until - loop.time(), OWNER_TTL_S / 3))
+            if self.stopping.is_set() or not self.ownership.held:
+                return False
+            if loop.time() >= until:
+                return True
+
+    async def _report(self, report: dict[str, Any] | None) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.broker.report_failing(self.ownership.key, report), 2)
 
     async def _ack(self, msg: Any) -> None:
         try:
@@ -430,7 +534,9 @@ class Subscriber:
         if not self.broker.connected:
             return
         try:
-            alive, lag = await self.broker.consumer_alive(self.config.app_id, self.topic)
+            alive, lag = await self.broker.consumer_alive(
+                self.config.app_id, self.topic, self.partition
+            )
         except Exception:
             return  # the broker is slow or away; the next fetch will tell
         if not alive:
@@ -506,7 +612,9 @@ class Subscriber:
                 asked = loop.time()  # the broker, at most 4 times a second per waiter
                 with contextlib.suppress(Exception):
                     if self.broker.connected:
-                        floor = await self.broker.ack_floor(self.config.app_id, self.topic)
+                        floor = await self.broker.ack_floor(
+                            self.config.app_id, self.topic, self.partition
+                        )
                         self.position = max(self.position, floor)
             if self.position >= at_least:
                 return True, self.position
@@ -630,3 +738,85 @@ class Subscriber:
 
 def _seq(msg: Any) -> int:
     return int(msg.metadata.sequence.stream)
+
+
+class PartitionGroup:
+    """A subscription split into `count` partitions by partition key (ACCORD_PARTITIONS):
+    one ordered Subscriber per partition, each with its own consumer, so the events of one
+    key keep their order while partitions are delivered side by side. The app's replicas
+    share the partitions out: each says it is alive (OWNERS_BUCKET, every OWNER_TTL_S / 5),
+    and the replica ranked k of n wants the partitions i with i % n == k. A partition
+    changes hands only through its claim: the old owner gives it up (or its claim lapses)
+    before the new one delivers, from the first unacked event, so a partition never has
+    two owners and never a gap."""
+
+    def __init__(
+        self,
+        config: Config,
+        broker: Broker,
+        session: aiohttp.ClientSession,
+        topic: str,
+        count: int,
+    ) -> None:
+        self.broker = broker
+        self.topic = topic
+        self.group = wire.consumer_name(config.app_id, topic)
+        self.holder = holder_name(config).replace("/", "_")
+        self.subscribers = [
+            Subscriber(config, broker, session, topic, (i, count)) for i in range(count)
+        ]
+        for sub in self.subscribers:
+            sub.ownership.wanted = False  # until the replicas are known
+        self.members: list[str] = []
+        self.stopping = asyncio.Event()
+
+    async def run(self) -> None:
+        tasks = [asyncio.create_task(s.run()) for s in self.subscribers]
+        try:
+            await self.broker.wait_connected()
+            while not self.stopping.is_set():
+                await self.share()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), OWNER_TTL_S / 5)
+        finally:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def share(self) -> None:
+        """Which partitions this replica wants, from who is alive now."""
+        try:
+            members = await asyncio.wait_for(
+                self.broker.members(self.group, self.holder), OWNER_TTL_S / 5
+            )
+        except Exception as exc:
+            logger.debug("subscription %s: members not known: %s", self.topic, exc)
+            return  # as before; claims not renewed lapse on their own
+        if self.holder not in members:
+            members = sorted([*members, self.holder])
+        if members != self.members:
+            rank, n = members.index(self.holder), len(members)
+            mine = [i for i in range(len(self.subscribers)) if i % n == rank]
+            logger.info(
+                "subscription %s: %d replica(s); this one takes partitions %s",
+                self.topic,
+                n,
+                ",".join(map(str, mine)) or "none",
+            )
+            self.members = members
+        rank, n = members.index(self.holder), len(members)
+        for i, sub in enumerate(self.subscribers):
+            wanted = i % n == rank
+            if sub.ownership.wanted != wanted:
+                sub.ownership.wanted = wanted
+                sub.ownership.nudged.set()
+
+    async def stop(self, grace_s: float) -> None:
+        self.stopping.set()
+        await asyncio.gather(*(s.stop(grace_s) for s in self.subscribers))
+        await self.broker.leave(self.group, self.holder)
+
+    async def processed(self, at_least: int, timeout_s: float) -> tuple[bool, int]:
+        """Read your writes: every partition has settled every event up to `at_least`."""
+        results = await asyncio.gather(
+            *(s.processed(at_least, timeout_s) for s in self.subscribers)
+        )
+        return all(ok for ok, _ in results), min(position for _, position in results)

@@ -22,7 +22,7 @@ from accord_sidecar.errors import error, never_crash
 from accord_sidecar.inbound import Inbound
 from accord_sidecar.invoke import Invoker
 from accord_sidecar.journal import Journal
-from accord_sidecar.pubsub import Publisher, Subscriber
+from accord_sidecar.pubsub import PartitionGroup, Publisher, Subscriber
 
 logger = logging.getLogger("accord.sidecar")
 
@@ -63,6 +63,7 @@ class Sidecar:
         self.stop_requested = asyncio.Event()
         self.runners: list[web.AppRunner] = []
         self.subscribers: list[Subscriber] = []
+        self.groups: dict[str, PartitionGroup] = {}  # partitioned subscriptions, by topic
         self.tasks: list[asyncio.Task[None]] = []
         self.session: aiohttp.ClientSession | None = None
         self.ports: dict[str, int] = {}
@@ -87,7 +88,9 @@ class Sidecar:
         answers once every event of the topic up to stream sequence S (what /v1/publish
         returned) is settled here, or 504 after T (5000, at most 60000) ms."""
         topic = request.match_info["topic"]
-        sub = next((s for s in self.subscribers if s.topic == topic), None)
+        sub: Subscriber | PartitionGroup | None = self.groups.get(topic) or next(
+            (s for s in self.subscribers if s.topic == topic), None
+        )
         if sub is None:
             return error(404, "not_subscribed", f"this sidecar does not subscribe to {topic!r}")
         try:
@@ -202,6 +205,12 @@ class Sidecar:
             # In the background: invoke and inbound serve at once, broker or not.
             self.tasks.append(asyncio.create_task(self.broker.connect()))
             for topic in c.subscribe:
+                if c.partitions > 1:
+                    group = PartitionGroup(c, self.broker, self.session, topic, c.partitions)
+                    self.groups[topic] = group
+                    self.subscribers += group.subscribers
+                    self.tasks.append(asyncio.create_task(group.run()))
+                    continue
                 sub = Subscriber(c, self.broker, self.session, topic)
                 self.subscribers.append(sub)
                 self.tasks.append(asyncio.create_task(sub.run()))
@@ -213,7 +222,10 @@ class Sidecar:
         c = self.config
         for sub in self.subscribers:
             sub.stopping.set()
-        await asyncio.gather(*(s.stop(c.shutdown_grace_s) for s in self.subscribers))
+        await asyncio.gather(
+            *(s.stop(c.shutdown_grace_s) for s in self.subscribers),
+            *(g.stop(c.shutdown_grace_s) for g in self.groups.values()),
+        )
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)

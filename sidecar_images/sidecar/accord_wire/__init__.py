@@ -21,6 +21,9 @@ ATTEMPTS: Final = "Accord-Attempts"  # how many attempts the sidecar made for an
 TRANSACTION: Final = "Accord-Transaction"  # the transaction's uid (its txid)
 TRANSACTION_REF: Final = "Accord-Transaction-Ref"  # <namespace>/<name>, to ask for the outcome
 TPC_PHASE: Final = "Accord-Tpc-Phase"  # prepare | commit | abort
+# On a publish: the event's partition key (its CloudEvents `partitionkey`); on the stream,
+# a NATS header carrying it ("" for none), so a partition is chosen without parsing.
+PARTITION_KEY: Final = "Accord-Partition-Key"
 TPC_PHASES: Final = ("prepare", "commit", "abort")
 
 # -- annotations and labels --------------------------------------------------------------------
@@ -74,6 +77,7 @@ class SidecarEnv:
     TARGETS: Final = "ACCORD_TARGETS"
     CONCURRENCY: Final = "ACCORD_CONCURRENCY"
     BULK_MAX: Final = "ACCORD_BULK_MAX"
+    PARTITIONS: Final = "ACCORD_PARTITIONS"
     MAX_DELIVERIES: Final = "ACCORD_MAX_DELIVERIES"
     TPC_OUTCOME_AFTER_S: Final = "ACCORD_TPC_OUTCOME_AFTER_S"
     # The stream and new subscriptions: one setting for the whole cluster (chart values
@@ -211,3 +215,31 @@ def durable_name(app_id: str, topic: str) -> str:
     readable = re.sub(r"[^A-Za-z0-9_-]", "_", f"{app_id[:60]}-{topic[:60]}")
     digest = hashlib.sha256(f"{app_id}\n{topic}".encode()).hexdigest()[:16]
     return f"{readable}-{digest}"
+
+
+Partition = tuple[int, int]  # (index, count): partition index of count
+
+
+def consumer_name(app_id: str, topic: str, partition: Partition | None = None) -> str:
+    """The consumer of one app on one topic, or on one partition of it (a partitioned
+    subscription has one consumer per partition; '#' and '/' never occur in a topic)."""
+    if partition is None:
+        return durable_name(app_id, topic)
+    index, count = partition
+    return durable_name(app_id, f"{topic}#{index}/{count}")
+
+
+def partition_of(key: str, count: int) -> int:
+    """The partition of a partition key: stable across processes and versions (CRC-32)."""
+    import zlib
+
+    return zlib.crc32(key.encode()) % count
+
+
+OWNERS_BUCKET: Final = "ACCORD_OWNERS"  # NATS key-value: who delivers, who is failing
+
+
+def failing_key(consumer: str) -> str:
+    """The key under which an ordered consumer's sidecar reports its head event failing
+    (JSON {"sequence", "deliveries", "reason"}); gone once it is settled."""
+    return f"failing.{consumer}"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import time
@@ -42,7 +43,7 @@ durable_name = wire.durable_name
 DUPLICATE_WINDOW_S = 120
 # Ordered subscriptions: which sidecar of an app delivers (one at a time), a key per consumer
 # in this bucket. The broker forgets a claim OWNER_TTL_S after it was last renewed.
-OWNERS_BUCKET = "ACCORD_OWNERS"
+OWNERS_BUCKET = wire.OWNERS_BUCKET
 OWNER_TTL_S = 10.0
 _HEADER_OVERHEAD = len("NATS/1.0\r\n\r\n")
 
@@ -56,9 +57,10 @@ def legacy_durable_name(app_id: str, topic: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", f"{app_id}-{topic}")[:200]
 
 
-def owner(app_id: str, topic: str) -> str:
+def owner(app_id: str, topic: str, partition: wire.Partition | None = None) -> str:
     """Written into a consumer's description: whose it is, checked on every bind."""
-    return f"accord app={app_id} topic={topic}"
+    part = f" partition={partition[0]}/{partition[1]}" if partition else ""
+    return f"accord app={app_id} topic={topic}{part}"
 
 
 class BrokerUnavailable(Exception):
@@ -263,6 +265,7 @@ class Broker:
         max_ack_pending: int,
         ack_wait_s: float = 30,
         rewind: bool = False,
+        partition: wire.Partition | None = None,
     ) -> Any:
         """The durable pull subscription of app_id on topic, created when missing (also when
         the broker lost it). ack_wait_s: how long an unacked event (its sidecar died
@@ -272,26 +275,35 @@ class Broker:
         new owner needs them before any later event. ConsumerClash when the name is taken
         by another subscription."""
         assert self.js is not None
-        durable = durable_name(app_id, topic)
+        durable = wire.consumer_name(app_id, topic, partition)
+        mine = owner(app_id, topic, partition)
         try:
             info = await self.js.consumer_info(STREAM, durable)
         except NotFoundError as exc:
             if "stream" in str(exc).lower():
                 await self.ensure_stream()
-            await self._create_consumer(app_id, topic, durable, max_ack_pending, ack_wait_s)
+            await self._create_consumer(
+                app_id, topic, durable, max_ack_pending, ack_wait_s, partition=partition
+            )
         else:
             c = info.config
-            if c.filter_subject != subject(topic) or c.description != owner(app_id, topic):
+            if c.filter_subject != subject(topic) or c.description != mine:
                 raise ConsumerClash(
                     f"consumer {durable} on stream {STREAM} is {c.description or 'unlabelled'} "
-                    f"(subject {c.filter_subject}), not {owner(app_id, topic)}; "
+                    f"(subject {c.filter_subject}), not {mine}; "
                     "not delivering from it"
                 )
             if rewind and info.num_ack_pending:
                 floor = int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0
                 await self.js.delete_consumer(STREAM, durable)
                 await self._create_consumer(
-                    app_id, topic, durable, max_ack_pending, ack_wait_s, start_seq=floor + 1
+                    app_id,
+                    topic,
+                    durable,
+                    max_ack_pending,
+                    ack_wait_s,
+                    start_seq=floor + 1,
+                    partition=partition,
                 )
                 logger.info(
                     "consumer %s: %d events handed out and not acked are delivered again, "
@@ -346,6 +358,48 @@ class Broker:
         with contextlib.suppress(KeyWrongLastSequenceError, KeyNotFoundError):
             await kv.delete(key, last=revision)
 
+    async def members(self, group: str, holder: str) -> list[str]:
+        """Say `holder` is alive in `group` (for OWNER_TTL_S) and list who is, sorted: the
+        replicas sharing a partitioned subscription."""
+        kv = await self._owners()
+        try:
+            await kv.put(f"m.{group}.{holder}", b"")
+            info = await self.js.stream_info(  # type: ignore[union-attr]
+                f"KV_{OWNERS_BUCKET}", subjects_filter=f"$KV.{OWNERS_BUCKET}.m.{group}.>"
+            )
+        except Exception:
+            self._owners_kv = None  # the broker may have lost the bucket: made again next time
+            raise
+        prefix = f"$KV.{OWNERS_BUCKET}.m.{group}."
+        return sorted(s[len(prefix) :] for s in (info.state.subjects or {}))
+
+    async def report_failing(self, consumer: str, report: dict[str, Any] | None) -> None:
+        """Say that an ordered consumer's head event keeps failing (None: no longer), for
+        the operator's status; the broker forgets it OWNER_TTL_S after the last report."""
+        kv = await self._owners()
+        try:
+            if report is None:
+                await self.js.purge_stream(  # type: ignore[union-attr]
+                    f"KV_{OWNERS_BUCKET}",
+                    subject=f"$KV.{OWNERS_BUCKET}.{wire.failing_key(consumer)}",
+                )
+            else:
+                await kv.put(wire.failing_key(consumer), json.dumps(report).encode())
+        except Exception:
+            self._owners_kv = None
+            raise
+
+    async def leave(self, group: str, holder: str) -> None:
+        """No longer one of `group` (the others share its partitions out at once)."""
+        assert self.js is not None
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(
+                self.js.purge_stream(
+                    f"KV_{OWNERS_BUCKET}", subject=f"$KV.{OWNERS_BUCKET}.m.{group}.{holder}"
+                ),
+                2,
+            )
+
     async def _owners(self) -> Any:
         assert self.js is not None
         if self._owners_kv is None:
@@ -365,6 +419,7 @@ class Broker:
         max_ack_pending: int,
         ack_wait_s: float,
         start_seq: int | None = None,
+        partition: wire.Partition | None = None,
     ) -> None:
         assert self.js is not None
         start: dict[str, Any] = {
@@ -379,7 +434,8 @@ class Broker:
             }
         legacy = legacy_durable_name(app_id, topic)
         try:
-            old = await self.js.consumer_info(STREAM, legacy) if start_seq is None else None
+            carry = start_seq is None and partition is None
+            old = await self.js.consumer_info(STREAM, legacy) if carry else None
         except NotFoundError:
             old = None
         if old is not None and old.config.filter_subject == subject(topic):
@@ -392,7 +448,7 @@ class Broker:
             STREAM,
             api.ConsumerConfig(
                 durable_name=durable,
-                description=owner(app_id, topic),
+                description=owner(app_id, topic, partition),
                 filter_subject=subject(topic),
                 ack_policy=api.AckPolicy.EXPLICIT,
                 max_ack_pending=max_ack_pending,
@@ -409,20 +465,26 @@ class Broker:
             except NotFoundError:
                 pass
 
-    async def consumer_alive(self, app_id: str, topic: str) -> tuple[bool, int | None]:
+    async def consumer_alive(
+        self, app_id: str, topic: str, partition: wire.Partition | None = None
+    ) -> tuple[bool, int | None]:
         """(whether the consumer still exists, events not yet acked) from the broker."""
         assert self.js is not None
         try:
-            info = await self.js.consumer_info(STREAM, durable_name(app_id, topic), timeout=2)
+            name = wire.consumer_name(app_id, topic, partition)
+            info = await self.js.consumer_info(STREAM, name, timeout=2)
         except NotFoundError:
             return False, None
         return True, info.num_pending + info.num_ack_pending
 
-    async def ack_floor(self, app_id: str, topic: str) -> int:
+    async def ack_floor(
+        self, app_id: str, topic: str, partition: wire.Partition | None = None
+    ) -> int:
         """The stream sequence up to which the consumer has every event settled (0: none)."""
         assert self.js is not None
         try:
-            info = await self.js.consumer_info(STREAM, durable_name(app_id, topic), timeout=2)
+            name = wire.consumer_name(app_id, topic, partition)
+            info = await self.js.consumer_info(STREAM, name, timeout=2)
         except NotFoundError:
             return 0
         return int(info.ack_floor.stream_seq or 0)
