@@ -81,13 +81,13 @@ async def wait_for_events(url: str, n: int) -> float:
     return time.perf_counter()
 
 
-def projector(tmp: Path, name: str, nats_url: str) -> tuple[Process, Sidecar, str]:
+def projector(tmp: Path, name: str, nats_url: str, batch: int) -> tuple[Process, Sidecar, str]:
     port = free_port()
     data = tmp / name
     data.mkdir()
     sidecar = Sidecar(
         tmp, name, ACCORD_NATS_URL=nats_url, ACCORD_SUBSCRIBE=TOPIC, ACCORD_APP_PORT=str(port),
-        ACCORD_CONCURRENCY="1", ACCORD_LOG_LEVEL="warning",
+        ACCORD_CONCURRENCY="1", ACCORD_LOG_LEVEL="warning", ACCORD_BULK_MAX=str(batch),
     ).start()  # fmt: skip
     app = Process(
         [sys.executable, str(PROJECTOR), "--port", str(port), "--host", "127.0.0.1",
@@ -121,6 +121,8 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--live", type=int, default=5000, help="events published while live")
     parser.add_argument("--backlog", type=int, default=100_000, help="events to catch up on")
+    parser.add_argument("--batch", type=int, default=100,
+                        help="events per delivery (spec.projector.batchSize; 1: one per POST)")  # fmt: skip
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
@@ -130,7 +132,7 @@ def main() -> int:
             publisher = Sidecar(tmp, "orders-api", ACCORD_NATS_URL=server.url,
                                 ACCORD_LOG_LEVEL="warning").start()  # fmt: skip
             processes.append(publisher)
-            app, sidecar, url = projector(tmp, "orders-g0", server.url)
+            app, sidecar, url = projector(tmp, "orders-g0", server.url, args.batch)
             processes += [app, sidecar]
 
             async def live() -> float:
@@ -146,7 +148,7 @@ def main() -> int:
 
             async def catch_up() -> tuple[float, float]:
                 started = time.perf_counter()
-                app1, sidecar1, url1 = projector(tmp, "orders-g1", server.url)
+                app1, sidecar1, url1 = projector(tmp, "orders-g1", server.url, args.batch)
                 processes.extend([app1, sidecar1])
                 seconds = await wait_for_events(url1, total) - started
                 return seconds, total / seconds
@@ -156,7 +158,8 @@ def main() -> int:
         finally:
             for p in reversed(processes):
                 p.close()
-    print("one projector behind its sidecar (one delivery in flight), SQLite read model")
+    print(f"one projector behind its sidecar (in order, up to {args.batch} events per "
+          "delivery), SQLite read model")  # fmt: skip
     print(f"live: {args.live} events published -> projected at {live_rate:,.0f} events/s")
     print(f"catch-up: a new generation projected a {total:,}-event stream in "
           f"{catch_seconds:.1f} s ({catch_rate:,.0f} events/s)")  # fmt: skip

@@ -89,12 +89,25 @@ def main() -> None:
         batch = body if isinstance(body, list) else [body]
         if behaviour.get("delayMs"):
             await asyncio.sleep(behaviour["delayMs"] / 1000)
-        poison = set(behaviour.get("failIds") or ()) & {
-            e.get("id") for e in batch if isinstance(e, dict)
-        }
-        if poison:
+        events = [e for e in batch if isinstance(e, dict)]
+        poison = set(behaviour.get("failIds") or ()) & {e.get("id") for e in events}
+        if poison and not isinstance(body, list):
             return web.json_response({"error": f"cannot apply {sorted(poison)}"}, status=500)
-        model.apply([e for e in batch if isinstance(e, dict)])
+        # In a batch, an event it cannot apply holds back the later ones of its key (order
+        # per key): those are answered RETRY too, the rest applied.
+        blocked: set[str] = set()
+        held: set[Any] = set()
+        for e in events:
+            key = str(e.get("partitionkey", e.get("id")))
+            if e.get("id") in poison or key in blocked:
+                blocked.add(key)
+                held.add(e.get("id"))
+        model.apply([e for e in events if e.get("id") not in held])
+        if isinstance(body, list):  # a batch: answered per event (those it could not: RETRY)
+            return web.json_response({"statuses": [
+                {"id": e.get("id"), "status": "RETRY" if e.get("id") in held else "SUCCESS"}
+                for e in events
+            ]})  # fmt: skip
         return web.json_response({"status": "SUCCESS"})
 
     topic = os.environ.get("ACCORD_PROJECTION_TOPIC", "orders.events")

@@ -215,6 +215,12 @@ PROJECTION_EVENTS = Gauge(
     ["namespace", "projection"],
     registry=REGISTRY,
 )
+PROJECTION_PARKED = Gauge(
+    "accord_projection_parked_events",
+    "Events waiting behind a poison event of their key (poison events included).",
+    ["namespace", "projection"],
+    registry=REGISTRY,
+)
 PROJECTION_SWITCHES = Counter(
     "accord_projection_generation_switches_total",
     "Rebuilt read models that took over the query Service.",
@@ -224,6 +230,6 @@ PROJECTION_SWITCHES = Counter(
 
 def forget_projection(namespace: str, name: str) -> None:
     """A deleted projection's series go with it."""
-    for gauge in (PROJECTION_LAG, PROJECTION_POSITION, PROJECTION_EVENTS):
+    for gauge in (PROJECTION_LAG, PROJECTION_POSITION, PROJECTION_EVENTS, PROJECTION_PARKED):
         with contextlib.suppress(KeyError):
             gauge.remove(namespace, name)

@@ -560,3 +560,85 @@ def test_an_upgrade_carries_on_from_the_old_consumers_position(
         return [c.name for c in await js.consumers_info(STREAM)]
 
     assert _js(nats.url, names) == [durable_name("projector", "orders")]
+
+
+# -- poison events park their key ---------------------------------------------------------------
+
+
+def _dead_letters(url: str, topic: str) -> list[dict[str, Any]]:
+    async def read(js: Any) -> list[dict[str, Any]]:
+        sub = await js.pull_subscribe(f"accord.{topic}.dlq", stream=STREAM)
+        try:
+            return [json.loads(m.data) for m in await sub.fetch(100, timeout=2)]
+        finally:
+            await sub.unsubscribe()
+
+    result: list[dict[str, Any]] = _js(url, read)
+    return result
+
+
+def test_a_poison_event_parks_only_its_key_until_retried_or_skipped(
+    spawn: Callable[..., Any], nats: NatsServer
+) -> None:
+    """ACCORD_POISON=park: after max deliveries the event goes to the dead-letter topic and
+    its key is parked: later events of that key wait (kept, in order, on the broker), other
+    keys go on. A retry (the operator's request, here written as it would) delivers the
+    parked events in order; a skip drops the poison event and delivers the rest."""
+    app: Recorder = spawn(Recorder, "projector")
+    publisher: Sidecar = spawn(Sidecar, "api", ACCORD_NATS_URL=nats.url)
+
+    def publish(key: str, n: int) -> str:
+        status, body = _publish(publisher, "orders", {"key": key, "n": n},
+                                **{"Accord-Partition-Key": key})  # fmt: skip
+        assert status == 200, body
+        return str(body["id"])
+
+    a1, b1 = publish("a", 1), publish("b", 1)
+    app.behave({"path": "/events/orders", "id": (a2 := publish("a", 2)), "status": 500})
+    a3, b2 = publish("a", 3), publish("b", 2)
+    sub = subscriber(spawn, nats.url, "projector", "orders", app,
+                     ACCORD_POISON="park", ACCORD_MAX_DELIVERIES="2")  # fmt: skip
+
+    def ids() -> list[str]:
+        return [c["body"]["id"] for c in app.calls("/events/orders")]
+
+    wait_until(lambda: b2 in ids())
+    time.sleep(0.5)
+    assert ids() == [a1, b1, a2, a2, b2]  # a3 waits behind a2; b goes on
+    assert "parked with its key 'a'" in sub.log.read_text()
+    b3 = publish("b", 3)
+    a4 = publish("a", 4)  # parked too: a is parked
+    wait_until(lambda: b3 in ids())
+    time.sleep(0.3)
+    assert a4 not in ids() and a3 not in ids()
+    assert [e["id"] for e in _dead_letters(nats.url, "orders")] == [a2]
+
+    consumer = durable_name("projector", "orders")
+
+    async def ask(js: Any, action: str, nonce: str) -> None:
+        kv = await js.key_value("ACCORD_OWNERS")
+        await kv.put(f"cmd.{consumer}", json.dumps({"action": action, "nonce": nonce}).encode())
+
+    async def done(js: Any) -> str:
+        kv = await js.key_value("ACCORD_OWNERS")
+        try:
+            return (await kv.get(f"done.{consumer}")).value.decode()
+        except Exception:
+            return ""
+
+    app.behave(reset=True)  # the fix: a2 goes through now
+    _js(nats.url, lambda js: ask(js, "retry", "n1"))
+    wait_until(lambda: _js(nats.url, done) == "n1")
+    assert ids()[-3:] == [a2, a3, a4]  # in order, after the fix
+    a5 = publish("a", 5)  # no longer parked
+    wait_until(lambda: a5 in ids())
+
+    # Skip: the poison event is dropped, those behind it delivered.
+    app.behave({"path": "/events/orders", "id": (a6 := publish("a", 6)), "status": 500})
+    a7 = publish("a", 7)
+    wait_until(lambda: ids().count(a6) == 2)
+    time.sleep(0.5)
+    assert a7 not in ids()
+    _js(nats.url, lambda js: ask(js, "skip", "n2"))
+    wait_until(lambda: _js(nats.url, done) == "n2")
+    assert ids()[-1] == a7 and ids().count(a6) == 2  # a6 not delivered again

@@ -41,6 +41,7 @@ def test_a_generation_runs_as_one_deployment_whose_pods_subscribe_through_the_si
         "accord.dev/subscribe-concurrency": "1",
         "accord.dev/max-deliveries": "4",
         "accord.dev/subscribe-start": "all",
+        "accord.dev/subscribe-poison": "park",
     }
     (container,) = template["spec"]["containers"]
     env = {e["name"]: e["value"] for e in container["env"]}
@@ -144,6 +145,10 @@ def test_partitions_are_shared_out_among_the_replicas() -> None:
     assert d["spec"]["replicas"] == 3
     assert (
         d["spec"]["template"]["metadata"]["annotations"]["accord.dev/subscribe-partitions"] == "4"
+    )
+    batched = plan.deployment(proj(projector={"image": "p", "batchSize": 100}), 0)
+    assert (
+        batched["spec"]["template"]["metadata"]["annotations"]["accord.dev/subscribe-bulk"] == "100"
     )
     one = plan.deployment(proj(), 0)
     assert (

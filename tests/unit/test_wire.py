@@ -53,6 +53,7 @@ EVERYTHING = {
     "accord.dev/subscribe-concurrency": "4",
     "accord.dev/subscribe-bulk": "8",
     "accord.dev/subscribe-partitions": "4",
+    "accord.dev/subscribe-poison": "park",
     "accord.dev/max-deliveries": "7",
     "accord.dev/tpc-outcome-after-seconds": "5",
     "accord.dev/subscribe-start": "new",
@@ -132,7 +133,7 @@ def test_every_variable_the_injector_writes_is_read_by_the_sidecar() -> None:
     assert config.timeout_ms == 3000 and config.log_level == "debug"
     assert config.targets == {"payment": {"timeoutMs": 500, "maxAttempts": 2}}
     assert (config.concurrency, config.bulk_max, config.max_deliveries) == (4, 8, 7)
-    assert config.partitions == 4
+    assert config.partitions == 4 and config.poison == "park"
     assert config.namespace == "shop" and config.nats_url == INJECTOR.nats_url
     assert config.token_audience == wire.PARTICIPANT_AUDIENCE
 

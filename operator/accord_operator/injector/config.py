@@ -51,6 +51,7 @@ KNOWN: Final = frozenset(
         "max-deliveries",
         "tpc-outcome-after-seconds",
         "subscribe-start",
+        "subscribe-poison",
         *_RESOURCE_ANNOTATIONS,
     }
 )
@@ -85,6 +86,7 @@ class SidecarConfig:
     max_deliveries: int | None = None
     tpc_outcome_after_s: int | None = None
     subscribe_start: str | None = None  # "all" | "new": where a new subscription starts
+    subscribe_poison: str | None = None  # "deadletter" | "park": what a poison event does
     resources: dict[str, dict[str, str]] = field(
         default_factory=lambda: {
             "requests": {"cpu": "50m", "memory": "64Mi"},
@@ -176,12 +178,18 @@ def parse(annotations: Mapping[str, str]) -> SidecarConfig:
         except ValueError as exc:
             raise AnnotationError(str(exc)) from None
 
+    subscribe_poison = annotations.get(PREFIX + "subscribe-poison")
+    if subscribe_poison is not None and subscribe_poison not in ("deadletter", "park"):
+        raise AnnotationError(
+            f"{PREFIX}subscribe-poison: {subscribe_poison!r} is not deadletter or park"
+        )
     subscribe_start = annotations.get(PREFIX + "subscribe-start")
     if subscribe_start is not None and subscribe_start not in ("all", "new"):
         raise AnnotationError(f"{PREFIX}subscribe-start: {subscribe_start!r} is not all or new")
 
     return SidecarConfig(
         subscribe_start=subscribe_start,
+        subscribe_poison=subscribe_poison,
         target_policies=target_policies,
         subscribe_concurrency=_int(annotations, "subscribe-concurrency", 1, 1000),
         subscribe_bulk=_int(annotations, "subscribe-bulk", 1, 1000),

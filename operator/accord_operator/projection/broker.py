@@ -1,6 +1,8 @@
 """What the broker says about a projection's progress: the operator's one connection to
-NATS JetStream, read only. Lag and position come from the consumer the projector's sidecar
-made (its own pending counts), never from counting in our own code."""
+NATS JetStream, read only but for one thing: passing on a request to retry or skip parked
+events (accord.dev/parked) to the projectors' sidecars. Lag and position come from the
+consumers the projectors' sidecars made (their own pending counts), never from counting in
+our own code."""
 
 from __future__ import annotations
 
@@ -109,7 +111,48 @@ class BrokerView:
             redelivered=sum(int(i.num_redelivered or 0) for i in infos),
             last_event_time=when,
             failing=await self._failing(js, names),
+            **await self._parked(js, names),
         )
+
+    async def _parked(self, js: Any, consumers: list[str]) -> dict[str, int]:
+        """How many keys, and events, wait behind poison events on these consumers."""
+        keys = events = 0
+        for name in consumers:
+            try:
+                info = await js.stream_info(
+                    wire.PARKED_STREAM, subjects_filter=wire.parked_subject(name)
+                )
+            except NotFoundError:
+                break  # none parked yet, anywhere
+            except Exception:
+                continue  # a nicety: the next pass tells
+            subjects = info.state.subjects or {}
+            keys += len(subjects)
+            events += sum(int(n) for n in subjects.values())
+        return {"parked_keys": keys, "parked_events": events}
+
+    async def ask(self, consumers: list[str], action: str, nonce: str) -> bool:
+        """Ask the owners of these consumers to `action` (retry | skip) their parked events
+        (asked again every pass: the broker forgets a request after 10 s); whether all have
+        done it."""
+        js = await self._js()
+        try:
+            kv = await js.key_value(wire.OWNERS_BUCKET)
+        except Exception as exc:
+            raise BrokerUnavailable(f"cannot reach {wire.OWNERS_BUCKET}: {exc}") from None
+        done = 0
+        for name in consumers:
+            try:
+                answer = await kv.get(f"done.{name}")
+                if answer.value == nonce.encode():
+                    done += 1
+                    continue
+            except Exception:
+                pass
+            await kv.put(
+                wire.command_key(name), json.dumps({"action": action, "nonce": nonce}).encode()
+            )
+        return done == len(consumers)
 
     async def _failing(self, js: Any, consumers: list[str]) -> str | None:
         """What the sidecar reports failing on one of these consumers (None: nothing)."""

@@ -43,8 +43,13 @@ def register(registry: kopf.OperatorRegistry) -> None:
             metrics.RECONCILES.labels(PROJECTION.kind, "error").inc()
             raise kopf.TemporaryError(f"API: {exc}", delay=SYNC_S) from None
         old = proj["status"]
+        done = new.pop("parkedDone", None)
+        if done:
+            kopf.info(body, reason="ParkedRetried" if done == "retry" else "ParkedSkipped",
+                      message=f"parked events: {done} carried out by the projectors")  # fmt: skip
         gauges = {"lag": metrics.PROJECTION_LAG, "position": metrics.PROJECTION_POSITION,
-                  "eventsProcessed": metrics.PROJECTION_EVENTS}  # fmt: skip
+                  "eventsProcessed": metrics.PROJECTION_EVENTS,
+                  "parkedEvents": metrics.PROJECTION_PARKED}  # fmt: skip
         for key, gauge in gauges.items():
             if key in new:
                 gauge.labels(meta["namespace"], meta["name"]).set(new[key])
@@ -52,6 +57,8 @@ def register(registry: kopf.OperatorRegistry) -> None:
         if not plan.changed(old, new):
             return
         patch.status.update(new)
+        for key in old.keys() - new.keys():  # a merge patch keeps what it does not name
+            patch.status[key] = None
         if new["phase"] != old.get("phase"):
             metrics.PHASE_TRANSITIONS.labels(PROJECTION.kind, new["phase"]).inc()
             kind = "Warning" if new["phase"] == "Degraded" else "Normal"

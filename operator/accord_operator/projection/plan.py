@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import accord_wire as wire
 from accord_operator.conditions import Condition, set_condition
 from accord_operator.resources import GROUP, PROJECTION, VERSION
 
@@ -36,6 +37,21 @@ RESTRICTED: dict[str, Any] = {
     "capabilities": {"drop": ["ALL"]},
     "seccompProfile": {"type": "RuntimeDefault"},
 }
+
+
+PARKED_ANNOTATION: str = f"{GROUP}/parked"  # retry | skip: what to do with parked events
+
+
+def consumers(name: str, generation: int, spec: Mapping[str, Any]) -> list[str]:
+    """The broker consumers of one generation: one, or one per partition."""
+    app, topic, partitions = (
+        app_id(name, generation),
+        spec["source"]["topic"],
+        int(spec.get("partitions", 1)),
+    )
+    if partitions <= 1:
+        return [wire.consumer_name(app, topic)]
+    return [wire.consumer_name(app, topic, (i, partitions)) for i in range(partitions)]
 
 
 def app_id(name: str, generation: int) -> str:
@@ -109,9 +125,15 @@ def deployment(proj: Mapping[str, Any], generation: int) -> dict[str, Any]:
         f"{GROUP}/subscribe": source["topic"],
         f"{GROUP}/subscribe-concurrency": "1",  # one event in flight: order kept
         f"{GROUP}/max-deliveries": str(int(source.get("maxDeliveries", 5))),
+        # A poison event parks its key (later events of the key wait behind it, other keys
+        # go on) until the projection's accord.dev/parked annotation retries or skips it.
+        f"{GROUP}/subscribe-poison": "park",
         # A new generation's consumer replays the retained stream (or only what comes).
         f"{GROUP}/subscribe-start": "new" if source.get("startFrom") == "New" else "all",
     }
+    batch = int(projector.get("batchSize", 1))
+    if batch > 1:  # a CloudEvents batch per delivery, still in order
+        annotations[f"{GROUP}/subscribe-bulk"] = str(batch)
     partitions = int(spec.get("partitions", 1))
     if partitions > 1:  # split by partition key, shared out among the replicas
         annotations[f"{GROUP}/subscribe-partitions"] = str(partitions)
@@ -185,6 +207,8 @@ class Progress:
     redelivered: int = 0  # delivered more than once and not yet acknowledged
     last_event_time: str | None = None
     failing: str | None = None  # the head event keeps failing (its sidecar's report)
+    parked_keys: int = 0  # keys waiting behind a poison event
+    parked_events: int = 0
 
 
 def next_status(
@@ -218,6 +242,8 @@ def next_status(
         # projection that starts with what comes next).
         backlog = 0 if spec["source"].get("startFrom") == "New" else progress.topic_events
         status.update(position=0, lag=backlog, eventsProcessed=0)
+    if progress is not None and progress.consumer_found:
+        status.update(parkedKeys=progress.parked_keys, parkedEvents=progress.parked_events)
     if progress is not None and progress.last_event_time:
         status["lastEventTime"] = progress.last_event_time
     elif old.get("lastEventTime"):
@@ -248,6 +274,11 @@ def next_status(
         message = f"{status['lag']} event(s) behind the stream"
     else:
         phase, reason, message = "Live", "Live", "caught up with the stream"
+    if status.get("parkedKeys"):
+        message += (
+            f"; {status['parkedKeys']} key(s) parked behind a poison event "
+            f"({status['parkedEvents']} event(s)): annotate {PARKED_ANNOTATION}=retry or =skip"
+        )
     status.update(phase=phase, message=message)
     status["conditions"] = conditions_for(
         list(old.get("conditions") or []), phase, reason, message, status["observedGeneration"], now

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -113,6 +114,7 @@ async def reconcile(
             list(status.get("conditions") or []), "Rebuilding", "Rebuilding", new["message"],
             new["observedGeneration"], now,
         )  # fmt: skip
+    await _parked_request(api, broker, proj, target, new)
     await ensure(api, _services(namespace), plan.query_service(proj, new["servingGeneration"]))
     # The old generations go once the target serves: listed once per generation and
     # process (after a restart, leftovers are found again), not on every pass.
@@ -121,6 +123,41 @@ async def reconcile(
         await _remove_other_generations(api, namespace, name, target)
         _tidied.add(tidy)
     return new
+
+
+async def _parked_request(
+    api: KubeApi, broker: BrokerView, proj: Mapping[str, Any], target: int, new: dict[str, Any]
+) -> None:
+    """accord.dev/parked=retry|skip on the projection: passed on to the projectors'
+    sidecars (status.parkedCommand remembers which request, so each is carried out once),
+    and the annotation removed once every consumer's owner has done it."""
+    meta, spec = proj["metadata"], proj["spec"]
+    action = (meta.get("annotations") or {}).get(plan.PARKED_ANNOTATION)
+    if action not in ("retry", "skip"):
+        return
+    asked = (proj.get("status") or {}).get("parkedCommand") or {}
+    nonce = asked.get("nonce") if asked.get("action") == action else None
+    nonce = nonce or f"{action}-{uuid.uuid4().hex[:12]}"
+    new["parkedCommand"] = {"action": action, "nonce": nonce}
+    try:
+        done = await asyncio.wait_for(
+            broker.ask(plan.consumers(meta["name"], target, spec), action, nonce),
+            BROKER_TIMEOUT_S,
+        )
+    except (BrokerUnavailable, TimeoutError) as exc:
+        logger.warning("projection %s/%s: parked events: %s", meta["namespace"], meta["name"], exc)
+        return
+    if not done:
+        return
+    await api.request(
+        "PATCH",
+        f"/apis/{plan.GROUP}/{plan.VERSION}/namespaces/{meta['namespace']}/"
+        f"{plan.PROJECTION.plural}/{meta['name']}",
+        {"metadata": {"annotations": {plan.PARKED_ANNOTATION: None}}},
+        content_type="application/merge-patch+json",
+    )
+    new.pop("parkedCommand", None)
+    new["parkedDone"] = action  # for the caller's Event; not stored
 
 
 async def _remove_other_generations(api: KubeApi, namespace: str, name: str, keep: int) -> None:

@@ -34,6 +34,14 @@ def _int(env: Mapping[str, str], name: str, default: int, lo: int = 0, hi: int =
     return value
 
 
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    """One of `choices` (the first when unset)."""
+    value = env.get(name, "").strip() or choices[0]
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(choices)}")
+    return value
+
+
 def _broker(env: Mapping[str, str], name: str, default: str) -> str:
     """A stream setting, checked by the rule the operator checks it with (accord_wire)."""
     try:
@@ -96,6 +104,7 @@ class Config:
     bulk_max: int = 1  # >1: deliver up to this many events in one POST (CloudEvents batch)
     prefetch: int = 256  # ordered delivery: events fetched from the broker per pull
     partitions: int = 1  # >1: each subscription split by partition key, shared by replicas
+    poison: str = "deadletter"  # ordered: "park" holds back the key of a dead-lettered event
     redelivery_initial_ms: int = 200
     redelivery_max_ms: int = 10_000
     retry: RetryDefaults = RetryDefaults()
@@ -182,6 +191,7 @@ class Config:
             bulk_max=_int(env, "ACCORD_BULK_MAX", 1, 1, 1000),
             prefetch=_int(env, "ACCORD_PREFETCH", 256, 1, 10_000),
             partitions=_int(env, "ACCORD_PARTITIONS", 1, 1, 256),
+            poison=_choice(env, "ACCORD_POISON", ("deadletter", "park")),
             redelivery_initial_ms=_int(env, "ACCORD_REDELIVERY_INITIAL_MS", 200, 0, 3_600_000),
             redelivery_max_ms=_int(env, "ACCORD_REDELIVERY_MAX_MS", 10_000, 0, 3_600_000),
             retry=RetryDefaults(

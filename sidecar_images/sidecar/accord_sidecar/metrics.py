@@ -132,6 +132,12 @@ DEAD_LETTERED = Counter(
     ["topic"],
     registry=REGISTRY,
 )
+PARKED = Counter(
+    "accord_sidecar_parked_total",
+    "Events parked behind a poison event of their key (ACCORD_POISON=park), by topic.",
+    ["topic"],
+    registry=REGISTRY,
+)
 CONSUMER_LAG = Gauge(
     "accord_sidecar_consumer_lag",
     "Events on the stream not yet delivered, by topic.",

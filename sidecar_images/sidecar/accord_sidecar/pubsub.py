@@ -259,6 +259,12 @@ class Subscriber:
             broker, wire.consumer_name(config.app_id, topic, partition), holder_name(config)
         )
         self.standby = False  # ordered, and another replica delivers
+        # ACCORD_POISON=park: the keys (their parked subjects) whose events wait behind a
+        # poison event, read from the broker whenever this sidecar becomes the owner.
+        self.parking = config.poison == "park" and self.ordered
+        self.parked_keys: set[str] = set()
+        self._done_nonce = ""
+        self._asked_at = 0.0
 
     async def run(self) -> None:
         """Fetch and deliver until stopped. Never dies: a broker that is away, or that came
@@ -336,12 +342,16 @@ class Subscriber:
                         rewind=rewind,
                         partition=self.partition,
                     )
+                    if self.parking and (rewind or not bound_at):
+                        self.parked_keys = set(await self.broker.parked(self.ownership.key))
                     bound_at = self.ownership.gained
                     self.position = 0  # perhaps a new consumer, or stream: the broker knows
                     exists = True
                     if self.problem is not None and self.problem != NOT_YET:
                         logger.info("subscription %s: delivering again", self.topic)
                     self.problem = None
+                if self.parking:
+                    await self._obey()
                 msgs = await self._sub.fetch(batch=prefetch, timeout=1)
                 idle = 0
             except TimeoutError:
@@ -395,7 +405,16 @@ class Subscriber:
             while i < len(msgs):
                 if self.stopping.is_set() or not self.ownership.held:
                     return
-                chunk = msgs[i : i + bulk]
+                if self.parking and self._parked(msgs[i]):
+                    if not await self._park(msgs[i], ""):
+                        return
+                    i += 1
+                    continue
+                chunk = [msgs[i]]
+                while len(chunk) < bulk and i + len(chunk) < len(msgs):
+                    if self.parking and self._parked(msgs[i + len(chunk)]):
+                        break
+                    chunk.append(msgs[i + len(chunk)])
                 if not await self._deliver_chunk(chunk):
                     return
                 self._advance(_seq(chunk[-1]))
@@ -435,7 +454,16 @@ class Subscriber:
                         )
                         again.append(msg)
                         continue
+                    if self.parking:  # its key waits behind it, from now on
+                        if not await self._park(msg, reason):
+                            return False
+                        continue
                 await self._ack(msg)
+            if self.parking:  # those of a key parked just now wait behind its poison event
+                for msg in [m for m in again if self._parked(m)]:
+                    if not await self._park(msg, ""):
+                        return False
+                again = [m for m in again if not self._parked(m)]
             pending = again
             if not pending:
                 break
@@ -468,6 +496,105 @@ class Subscriber:
     async def _report(self, report: dict[str, Any] | None) -> None:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.broker.report_failing(self.ownership.key, report), 2)
+
+    def _parked(self, msg: Any) -> bool:
+        return wire.parked_subject(self.ownership.key, partition_key(msg)) in self.parked_keys
+
+    async def _park(self, msg: Any, reason: str) -> bool:
+        """Put an event behind its key's poison event (`reason`: it is that event) on the
+        parked stream, then ack it; tried until stored. False when stopping or no longer
+        the owner first (it stays unacked: the next owner parks it)."""
+        key = partition_key(msg)
+        headers = {
+            "Content-Type": STRUCTURED,
+            "Nats-Msg-Id": f"{self.ownership.key}-{_seq(msg)}",  # parked twice: kept once
+            "Accord-Stream-Sequence": str(_seq(msg)),
+        }
+        if key.isprintable() and key == key.strip():
+            headers[wire.PARTITION_KEY] = key
+        if reason:
+            headers["Accord-Parked-Reason"] = " ".join(reason.split())[:500]
+        delay = 0.2
+        while True:
+            try:
+                await self.broker.park(self.ownership.key, key, msg.data, headers)
+                break
+            except Exception as exc:
+                self._trouble(f"cannot park an event: {exc or type(exc).__name__}", logging.WARNING)
+                await self._pause(delay)
+                delay = min(delay * 2, 5.0)
+                if self.stopping.is_set() or not self.ownership.held:
+                    return False
+        if reason:
+            logger.warning(
+                "subscription %s: event %d parked with its key %r (its later events wait): %s",
+                self.topic, _seq(msg), key, reason[:300],
+            )  # fmt: skip
+        self.parked_keys.add(wire.parked_subject(self.ownership.key, key))
+        metrics.PARKED.labels(self.label).inc()
+        await self._ack(msg)
+        return True
+
+    async def _obey(self) -> None:
+        """Act on what the operator asks of the parked events (at most once a second)."""
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._asked_at < 1:
+            return
+        self._asked_at = loop.time()
+        command = await self.broker.command(self.ownership.key)
+        if not command or not command.get("nonce"):
+            return
+        nonce, action = str(command["nonce"]), command.get("action")
+        if nonce != self._done_nonce and action in ("retry", "skip"):
+            await self._drain(action == "skip")
+            if self.stopping.is_set() or not self.ownership.held:
+                return
+            self._done_nonce = nonce
+        await self.broker.done(self.ownership.key, nonce)
+
+    async def _drain(self, skip: bool) -> None:
+        """Deliver every parked key's events again, in order (skip: all but the poison event
+        at its head). A key whose events all got through is no longer parked; one whose
+        event fails again stays parked from that event on."""
+        for subject_ in sorted(await self.broker.parked(self.ownership.key)):
+            head, failed_at = True, None
+            async for parked in self.broker.parked_events(subject_):
+                for msg in parked:
+                    if skip and head:
+                        head = False
+                        continue
+                    head = False
+                    if not await self._deliver_parked(msg):
+                        failed_at = _seq(msg)
+                        break
+                if failed_at is not None:
+                    break
+            if failed_at is None:
+                await self.broker.unpark(subject_)
+                self.parked_keys.discard(subject_)
+                logger.info("subscription %s: %s delivered and unparked", self.topic, subject_)
+            else:
+                await self.broker.unpark(subject_, before=failed_at)
+            if self.stopping.is_set() or not self.ownership.held:
+                return
+
+    async def _deliver_parked(self, msg: Any) -> bool:
+        """One parked event, with the usual retries; False when it keeps failing (or this
+        sidecar stops, or is no longer the owner)."""
+        for attempt in range(1, self.config.max_deliveries + 1):
+            outcome, reason = await self._post(msg.data)
+            metrics.DELIVERIES.labels(self.label, outcome).inc()
+            if outcome in ("success", "drop"):
+                return True
+            if attempt == self.config.max_deliveries:
+                logger.warning(
+                    "subscription %s: a parked event failed again: %s", self.topic, reason
+                )
+                return False
+            await self._pause(self._backoff(attempt))
+            if self.stopping.is_set() or not self.ownership.held:
+                return False
+        return False
 
     async def _ack(self, msg: Any) -> None:
         try:

@@ -78,6 +78,7 @@ class SidecarEnv:
     CONCURRENCY: Final = "ACCORD_CONCURRENCY"
     BULK_MAX: Final = "ACCORD_BULK_MAX"
     PARTITIONS: Final = "ACCORD_PARTITIONS"
+    POISON: Final = "ACCORD_POISON"
     MAX_DELIVERIES: Final = "ACCORD_MAX_DELIVERIES"
     TPC_OUTCOME_AFTER_S: Final = "ACCORD_TPC_OUTCOME_AFTER_S"
     # The stream and new subscriptions: one setting for the whole cluster (chart values
@@ -243,3 +244,25 @@ def failing_key(consumer: str) -> str:
     """The key under which an ordered consumer's sidecar reports its head event failing
     (JSON {"sequence", "deliveries", "reason"}); gone once it is settled."""
     return f"failing.{consumer}"
+
+
+# Parked events (a poison event's key, when a subscription parks rather than dead-letters:
+# ACCORD_POISON=park): kept, in order, in their own stream (no age limit: they wait for a
+# decision), one subject per consumer and key.
+PARKED_STREAM: Final = "ACCORD_PARKED"
+PARKED_PREFIX: Final = "accord-parked."
+
+
+def parked_subject(consumer: str, key: str | None = None) -> str:
+    """The subject of one key's parked events on a consumer (None: all of its keys)."""
+    import hashlib
+
+    if key is None:
+        return f"{PARKED_PREFIX}{consumer}.>"
+    return f"{PARKED_PREFIX}{consumer}.{hashlib.sha256(key.encode()).hexdigest()[:20]}"
+
+
+def command_key(consumer: str) -> str:
+    """Where the operator asks an ordered consumer's owner to act on its parked events
+    (JSON {"action": "retry" | "skip", "nonce"}), and `done.<consumer>` where it answers."""
+    return f"cmd.{consumer}"

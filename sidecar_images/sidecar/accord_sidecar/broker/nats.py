@@ -18,6 +18,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -388,6 +389,86 @@ class Broker:
         except Exception:
             self._owners_kv = None
             raise
+
+    async def park(self, consumer: str, key: str, data: bytes, headers: dict[str, str]) -> None:
+        """Keep an event of a parked key, after those parked before it (stored when this
+        returns: JetStream acknowledged it)."""
+        assert self.js is not None
+        subject_ = wire.parked_subject(consumer, key)
+        for attempt in (1, 2):
+            try:
+                await self.js.publish(subject_, data, headers=headers, timeout=5)
+                return
+            except NoStreamResponseError:
+                if attempt == 2:
+                    raise
+                await self.js.add_stream(
+                    api.StreamConfig(
+                        name=wire.PARKED_STREAM,
+                        subjects=[wire.PARKED_PREFIX + ">"],
+                        storage=api.StorageType.FILE,
+                        num_replicas=self.stream.replicas,
+                        duplicate_window=DUPLICATE_WINDOW_S,
+                    )
+                )
+
+    async def parked(self, consumer: str) -> dict[str, int]:
+        """The parked keys of a consumer (their subjects) and how many events each holds."""
+        assert self.js is not None
+        try:
+            info = await self.js.stream_info(
+                wire.PARKED_STREAM, subjects_filter=wire.parked_subject(consumer)
+            )
+        except NotFoundError:
+            return {}
+        return {str(k): int(v) for k, v in (info.state.subjects or {}).items()}
+
+    async def parked_events(self, subject_: str) -> AsyncIterator[list[Any]]:
+        """The events parked on one subject, in order, in batches (an ephemeral consumer:
+        the events stay on the stream until unpark)."""
+        assert self.js is not None
+        sub = await self.js.pull_subscribe(
+            subject_,
+            stream=wire.PARKED_STREAM,
+            config=api.ConsumerConfig(
+                ack_policy=api.AckPolicy.EXPLICIT, max_ack_pending=-1, inactive_threshold=30.0
+            ),
+        )
+        try:
+            while True:
+                try:
+                    batch = await sub.fetch(256, timeout=0.5)
+                except TimeoutError:
+                    return
+                for msg in batch:  # read: acked on this throwaway consumer only
+                    with contextlib.suppress(Exception):
+                        await msg.ack()
+                yield batch
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def unpark(self, subject_: str, before: int | None = None) -> None:
+        """Drop one key's parked events (those before stream sequence `before`, or all)."""
+        assert self.js is not None
+        await self.js.purge_stream(wire.PARKED_STREAM, subject=subject_, seq=before)
+
+    async def command(self, consumer: str) -> dict[str, Any] | None:
+        """What the operator asks of this consumer's parked events, if anything."""
+        kv = await self._owners()
+        try:
+            entry = await kv.get(wire.command_key(consumer))
+            value = json.loads(entry.value or b"null")
+        except KeyNotFoundError:
+            return None
+        except Exception:
+            self._owners_kv = None
+            raise
+        return value if isinstance(value, dict) else None
+
+    async def done(self, consumer: str, nonce: str) -> None:
+        kv = await self._owners()
+        await kv.put(f"done.{consumer}", nonce.encode())
 
     async def leave(self, group: str, holder: str) -> None:
         """No longer one of `group` (the others share its partitions out at once)."""
