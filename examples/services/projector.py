@@ -12,6 +12,8 @@ GET  /orders          {"generation", "events", "customers": {c: {"orders", "amou
                        event up to stream sequence S (what the writer's /v1/publish returned)
                        projected; 504 if not
 GET  /healthz         200 once the read model is open
+POST /projection/reset   (--in-place: one read model for all generations) empty it for this
+                  generation, once: its sidecar calls it before a new generation's replay
 POST /_behave {"delayMs": N, "failIds": [...]}   how long each delivery takes (tests make
                   lag this way); events it answers 500 for (a poison event)
 """
@@ -39,6 +41,23 @@ class ReadModel:
             "CREATE TABLE IF NOT EXISTS customers "
             "(customer TEXT PRIMARY KEY, orders INTEGER, cents INTEGER)"
         )
+
+    def reset(self, generation: str) -> bool:
+        """Empty the read model for `generation` (in-place rebuilds), unless it already is
+        that generation's: a repeat (another partition's sidecar, a restart) is a no-op.
+        Whether it emptied it."""
+        c = self.conn
+        c.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT)")
+        row = c.execute("SELECT v FROM meta WHERE k = 'generation'").fetchone()
+        if row is not None and row[0] == generation:
+            return False
+        c.execute("BEGIN IMMEDIATE")
+        c.execute("DELETE FROM seen")
+        c.execute("DELETE FROM customers")
+        c.execute("INSERT OR REPLACE INTO meta VALUES ('generation', ?)", (generation,))
+        c.execute("COMMIT")
+        self.generation = generation
+        return True
 
     def apply(self, events: list[dict[str, Any]]) -> None:
         """One database transaction per delivery: all of it or none of it."""
@@ -79,9 +98,12 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8080")))
     parser.add_argument("--host", default="0.0.0.0")  # the query Service reaches it directly
     parser.add_argument("--data", default=os.environ.get("PROJECTOR_DATA", "/tmp"))
+    parser.add_argument("--in-place", action="store_true",
+                        help="one read model for every generation (in-place rebuilds)")  # fmt: skip
     args = parser.parse_args()
     generation = os.environ.get("ACCORD_PROJECTION_GENERATION", "0")
-    model = ReadModel(Path(args.data) / f"orders-g{generation}.db", generation)
+    db = "orders.db" if args.in_place else f"orders-g{generation}.db"
+    model = ReadModel(Path(args.data) / db, generation)
     behaviour: dict[str, Any] = {}
 
     async def events(request: web.Request) -> web.Response:
@@ -131,7 +153,14 @@ def main() -> None:
         behaviour.update(await request.json())
         return web.json_response(behaviour)
 
+    async def reset(_: web.Request) -> web.Response:
+        emptied = model.reset(generation)
+        print(f"projector: reset to generation {generation}: "
+              f"{'emptied' if emptied else 'already it'}", flush=True)  # fmt: skip
+        return web.json_response({"generation": generation, "emptied": emptied})
+
     app = web.Application()
+    app.router.add_post("/projection/reset", reset)
     app.router.add_post("/events/{topic}", events)
     app.router.add_get("/orders", orders)
     app.router.add_get("/healthz", healthz)

@@ -179,6 +179,7 @@ class Projector(TypedDict):
     args: NotRequired[list[str]]
     imagePullPolicy: NotRequired[str]
     port: NotRequired[int]
+    batchSize: NotRequired[int]
     env: NotRequired[list[EnvVar]]
 
 
@@ -189,6 +190,12 @@ class ProjectionSpec(TypedDict):
     partitions: NotRequired[int]
     paused: NotRequired[bool]
     rebuildGeneration: NotRequired[int]
+    rebuild: NotRequired[str]  # BlueGreen | InPlace
+
+
+class ParkedCommand(TypedDict):
+    action: str  # retry | skip
+    nonce: str
 
 
 class ProjectionStatus(TypedDict):
@@ -201,6 +208,9 @@ class ProjectionStatus(TypedDict):
     eventsProcessed: NotRequired[int]
     lastEventTime: NotRequired[str]
     readyReplicas: NotRequired[int]
+    parkedKeys: NotRequired[int]
+    parkedEvents: NotRequired[int]
+    parkedCommand: NotRequired[ParkedCommand]
     message: NotRequired[str]
     conditions: NotRequired[list[Condition]]
 

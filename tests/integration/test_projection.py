@@ -70,15 +70,23 @@ class Bed:
         return status
 
     def projector(
-        self, generation: int, delay_ms: int = 0, replica: int = 0, **env: str
+        self,
+        generation: int,
+        delay_ms: int = 0,
+        replica: int = 0,
+        in_place: bool = False,
+        **env: str,
     ) -> tuple[Process, Sidecar]:
-        """The projector of one generation and its sidecar, as its pod would run them."""
+        """The projector of one generation and its sidecar, as its pod would run them
+        (in_place: one read model for all generations, reset by its sidecar)."""
         port = free_port()
-        data = self.tmp / f"g{generation}-{replica}"
+        data = self.tmp / ("model" if in_place else f"g{generation}-{replica}")
         data.mkdir(exist_ok=True)
+        if in_place:
+            env["ACCORD_RESET_PATH"] = "/projection/reset"
         app = Process(
             [sys.executable, str(PROJECTOR), "--port", str(port), "--host", "127.0.0.1",
-             "--data", str(data)],
+             "--data", str(data), *(["--in-place"] if in_place else [])],
             self.tmp / f"projector-g{generation}-{replica}.log",
             env={"ACCORD_PROJECTION_GENERATION": str(generation)},
         ).start()  # fmt: skip
@@ -311,3 +319,38 @@ def test_a_poison_event_parks_its_key_until_the_annotation_retries_it(bed: Bed) 
     assert bed.read_model(app)["customers"] == expected_model(10)
     assert bed.operator.metric("accord_projection_parked_events", namespace=bed.namespace,
                                projection="orders") == 0  # fmt: skip
+
+
+def test_an_in_place_rebuild_resets_the_one_read_model_then_replays_it(bed: Bed) -> None:
+    """rebuild: InPlace, for a projector with one read model: the old generation stops at
+    once, the new one's sidecar has the projector empty its model (POST /projection/reset)
+    before replaying the stream into it; Rebuilding until caught up, then Live, exact."""
+    bed.cluster.apply(bed.projection(rebuild="InPlace"), bed.namespace)
+    deployment = bed.cluster.wait_for("deployment", "orders-g0", bed.namespace, lambda d: d)
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["accord.dev/subscribe-reset"] == "/projection/reset"
+    old_app, old_sidecar = bed.projector(0, in_place=True)
+    bed.mark_ready(0)
+    last = bed.publish(60)
+    wait_until(lambda: (s := bed.status()).get("phase") == "Live" and s["position"] == last)
+    assert bed.read_model(old_app)["events"] == 60
+
+    bed.cluster.kubectl("patch", "proj", "orders", "-n", bed.namespace, "--type=merge",
+                        "-p", '{"spec": {"rebuildGeneration": 1}}')  # fmt: skip
+    wait_until(  # the old generation goes at once: no second read model is kept
+        lambda: not bed.cluster.kubectl("get", "deployment", "orders-g0", "-n", bed.namespace,
+                                        "--ignore-not-found").strip(),
+        timeout=30,
+    )  # fmt: skip
+    old_sidecar.close()
+    old_app.close()
+    app, _ = bed.projector(1, delay_ms=60, in_place=True)
+    bed.mark_ready(1)
+    rebuilding = wait_until(lambda: (s := bed.status()).get("phase") == "Rebuilding" and s)
+    assert rebuilding["servingGeneration"] == 1 and "in place" in rebuilding["message"]
+    live = wait_until(lambda: (s := bed.status()).get("phase") == "Live" and s, timeout=60)
+    assert (live["eventsProcessed"], live["servingGeneration"]) == (60, 1)
+    model = bed.read_model(app)
+    assert (model["generation"], model["events"]) == ("1", 60)
+    assert model["customers"] == expected_model(60)
+    assert "reset to generation 1: emptied" in app.log.read_text()

@@ -174,3 +174,12 @@ def test_a_failure_its_sidecar_reports_degrades_it_with_the_reason() -> None:
     )  # fmt: skip
     assert failing["phase"] == "Degraded"
     assert "app answered HTTP 500: boom" in failing["message"] and "6 behind" in failing["message"]
+
+
+def test_an_in_place_projection_asks_its_sidecar_to_reset_the_model_before_a_replay() -> None:
+    annotations = plan.deployment(proj(rebuild="InPlace"), 1)["spec"]["template"]["metadata"][
+        "annotations"
+    ]
+    assert annotations["accord.dev/subscribe-reset"] == "/projection/reset"
+    blue_green = plan.deployment(proj(), 1)["spec"]["template"]["metadata"]["annotations"]
+    assert "accord.dev/subscribe-reset" not in blue_green

@@ -54,6 +54,7 @@ EVERYTHING = {
     "accord.dev/subscribe-bulk": "8",
     "accord.dev/subscribe-partitions": "4",
     "accord.dev/subscribe-poison": "park",
+    "accord.dev/subscribe-reset": "/projection/reset",
     "accord.dev/max-deliveries": "7",
     "accord.dev/tpc-outcome-after-seconds": "5",
     "accord.dev/subscribe-start": "new",
@@ -134,6 +135,7 @@ def test_every_variable_the_injector_writes_is_read_by_the_sidecar() -> None:
     assert config.targets == {"payment": {"timeoutMs": 500, "maxAttempts": 2}}
     assert (config.concurrency, config.bulk_max, config.max_deliveries) == (4, 8, 7)
     assert config.partitions == 4 and config.poison == "park"
+    assert config.reset_path == "/projection/reset"
     assert config.namespace == "shop" and config.nats_url == INJECTOR.nats_url
     assert config.token_audience == wire.PARTICIPANT_AUDIENCE
 

@@ -52,6 +52,7 @@ KNOWN: Final = frozenset(
         "tpc-outcome-after-seconds",
         "subscribe-start",
         "subscribe-poison",
+        "subscribe-reset",
         *_RESOURCE_ANNOTATIONS,
     }
 )
@@ -87,6 +88,7 @@ class SidecarConfig:
     tpc_outcome_after_s: int | None = None
     subscribe_start: str | None = None  # "all" | "new": where a new subscription starts
     subscribe_poison: str | None = None  # "deadletter" | "park": what a poison event does
+    subscribe_reset: str | None = None  # the app's path to empty its model before a replay
     resources: dict[str, dict[str, str]] = field(
         default_factory=lambda: {
             "requests": {"cpu": "50m", "memory": "64Mi"},
@@ -183,6 +185,17 @@ def parse(annotations: Mapping[str, str]) -> SidecarConfig:
         raise AnnotationError(
             f"{PREFIX}subscribe-poison: {subscribe_poison!r} is not deadletter or park"
         )
+    subscribe_reset = annotations.get(PREFIX + "subscribe-reset")
+    if subscribe_reset is not None and (
+        not subscribe_reset.startswith("/")
+        or len(subscribe_reset) > 200
+        or not subscribe_reset.isprintable()
+        or " " in subscribe_reset
+    ):
+        raise AnnotationError(
+            f"{PREFIX}subscribe-reset: {subscribe_reset!r} is not a path (/..., at most 200 "
+            "characters, no spaces)"
+        )
     subscribe_start = annotations.get(PREFIX + "subscribe-start")
     if subscribe_start is not None and subscribe_start not in ("all", "new"):
         raise AnnotationError(f"{PREFIX}subscribe-start: {subscribe_start!r} is not all or new")
@@ -190,6 +203,7 @@ def parse(annotations: Mapping[str, str]) -> SidecarConfig:
     return SidecarConfig(
         subscribe_start=subscribe_start,
         subscribe_poison=subscribe_poison,
+        subscribe_reset=subscribe_reset,
         target_policies=target_policies,
         subscribe_concurrency=_int(annotations, "subscribe-concurrency", 1, 1000),
         subscribe_bulk=_int(annotations, "subscribe-bulk", 1, 1000),

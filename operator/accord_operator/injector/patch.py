@@ -129,6 +129,7 @@ def sidecar_container(
         Env.BULK_MAX: config.subscribe_bulk,
         Env.PARTITIONS: config.subscribe_partitions,
         Env.POISON: config.subscribe_poison,
+        Env.RESET_PATH: config.subscribe_reset,
         Env.MAX_DELIVERIES: config.max_deliveries,
         Env.TPC_OUTCOME_AFTER_S: config.tpc_outcome_after_s,
         Env.NEW_SUBSCRIPTIONS_START: config.subscribe_start,

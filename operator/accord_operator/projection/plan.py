@@ -40,6 +40,7 @@ RESTRICTED: dict[str, Any] = {
 
 
 PARKED_ANNOTATION: str = f"{GROUP}/parked"  # retry | skip: what to do with parked events
+RESET_PATH = "/projection/reset"  # in-place rebuilds: called on the projector before a replay
 
 
 def consumers(name: str, generation: int, spec: Mapping[str, Any]) -> list[str]:
@@ -131,6 +132,8 @@ def deployment(proj: Mapping[str, Any], generation: int) -> dict[str, Any]:
         # A new generation's consumer replays the retained stream (or only what comes).
         f"{GROUP}/subscribe-start": "new" if source.get("startFrom") == "New" else "all",
     }
+    if spec.get("rebuild") == "InPlace":  # the sidecar empties the model before a replay
+        annotations[f"{GROUP}/subscribe-reset"] = RESET_PATH
     batch = int(projector.get("batchSize", 1))
     if batch > 1:  # a CloudEvents batch per delivery, still in order
         annotations[f"{GROUP}/subscribe-bulk"] = str(batch)

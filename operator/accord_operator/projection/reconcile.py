@@ -77,6 +77,12 @@ async def reconcile(
     if serving > target:  # cannot happen (rebuildGeneration only grows); serve the target
         serving = target
 
+    # In place: the old generation stops at once (the projector keeps one read model, which
+    # the new generation's sidecar has it empty before replaying), and the new one serves.
+    in_place = spec.get("rebuild") == "InPlace"
+    refilling = in_place and (serving != target or status.get("phase") == "Rebuilding")
+    if in_place:
+        serving = target
     made = await ensure(api, _deployments(namespace), plan.deployment(proj, target))
     if serving != target:
         await ensure(api, _deployments(namespace), plan.deployment(proj, serving))
@@ -109,6 +115,16 @@ async def reconcile(
         new["phase"] = "Rebuilding"
         new["message"] = f"generation {target} catching up ({new.get('lag', '?')} behind); " + (
             f"generation {serving} serves queries"
+        )
+        new["conditions"] = plan.conditions_for(
+            list(status.get("conditions") or []), "Rebuilding", "Rebuilding", new["message"],
+            new["observedGeneration"], now,
+        )  # fmt: skip
+    elif refilling and not caught_up and not problem:
+        new["phase"] = "Rebuilding"
+        new["message"] = (
+            f"rebuilding in place: generation {target} replays the stream into the emptied "
+            f"read model ({new.get('lag', '?')} behind); queries see it refill"
         )
         new["conditions"] = plan.conditions_for(
             list(status.get("conditions") or []), "Rebuilding", "Rebuilding", new["message"],

@@ -34,6 +34,13 @@ def _int(env: Mapping[str, str], name: str, default: int, lo: int = 0, hi: int =
     return value
 
 
+def _path(env: Mapping[str, str], name: str) -> str:
+    value = env.get(name, "").strip()
+    if value and (not value.startswith("/") or " " in value or not value.isprintable()):
+        raise ConfigError(f"{name}={value!r} is not a path (/...)")
+    return value
+
+
 def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
     """One of `choices` (the first when unset)."""
     value = env.get(name, "").strip() or choices[0]
@@ -105,6 +112,7 @@ class Config:
     prefetch: int = 256  # ordered delivery: events fetched from the broker per pull
     partitions: int = 1  # >1: each subscription split by partition key, shared by replicas
     poison: str = "deadletter"  # ordered: "park" holds back the key of a dead-lettered event
+    reset_path: str = ""  # ordered: POSTed on the app before a consumer's first delivery
     redelivery_initial_ms: int = 200
     redelivery_max_ms: int = 10_000
     retry: RetryDefaults = RetryDefaults()
@@ -192,6 +200,7 @@ class Config:
             prefetch=_int(env, "ACCORD_PREFETCH", 256, 1, 10_000),
             partitions=_int(env, "ACCORD_PARTITIONS", 1, 1, 256),
             poison=_choice(env, "ACCORD_POISON", ("deadletter", "park")),
+            reset_path=_path(env, "ACCORD_RESET_PATH"),
             redelivery_initial_ms=_int(env, "ACCORD_REDELIVERY_INITIAL_MS", 200, 0, 3_600_000),
             redelivery_max_ms=_int(env, "ACCORD_REDELIVERY_MAX_MS", 10_000, 0, 3_600_000),
             retry=RetryDefaults(

@@ -344,6 +344,8 @@ class Subscriber:
                     )
                     if self.parking and (rewind or not bound_at):
                         self.parked_keys = set(await self.broker.parked(self.ownership.key))
+                    if self.config.reset_path and not await self._reset_app():
+                        continue  # stopping, or no longer the owner
                     bound_at = self.ownership.gained
                     self.position = 0  # perhaps a new consumer, or stream: the broker knows
                     exists = True
@@ -496,6 +498,38 @@ class Subscriber:
     async def _report(self, report: dict[str, Any] | None) -> None:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.broker.report_failing(self.ownership.key, report), 2)
+
+    async def _reset_app(self) -> bool:
+        """In-place rebuilds: before the first delivery of a consumer that has delivered
+        nothing yet (a new generation's), POST the app's reset path (it empties its read
+        model for its generation; a repeat is a no-op), until it answers 2xx. False when
+        stopping or no longer the owner first."""
+        info = await self._sub.consumer_info()
+        if int(info.delivered.stream_seq or 0) > 0:
+            return True
+        url = f"http://{self.config.app_host}:{self.config.app_port}{self.config.reset_path}"
+        body = {"topic": self.topic, "partition": list(self.partition) if self.partition else None}
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                async with self.session.post(
+                    url,
+                    json=body,
+                    timeout=aiohttp.ClientTimeout(total=self.config.timeout_ms / 1000),
+                ) as r:
+                    text = await r.text()
+                    if 200 <= r.status < 300:
+                        logger.info("subscription %s: the app reset its read model", self.topic)
+                        self.problem = None
+                        return True
+                    why = f"HTTP {r.status}: {text[:200]}"
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                why = f"unreachable: {exc or type(exc).__name__}"
+            self._trouble(f"the app's {self.config.reset_path} answered {why}", logging.WARNING)
+            await self._pause(self._backoff(min(attempt, 10)))
+            if self.stopping.is_set() or not self.ownership.held:
+                return False
 
     def _parked(self, msg: Any) -> bool:
         return wire.parked_subject(self.ownership.key, partition_key(msg)) in self.parked_keys

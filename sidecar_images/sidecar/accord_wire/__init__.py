@@ -79,6 +79,7 @@ class SidecarEnv:
     BULK_MAX: Final = "ACCORD_BULK_MAX"
     PARTITIONS: Final = "ACCORD_PARTITIONS"
     POISON: Final = "ACCORD_POISON"
+    RESET_PATH: Final = "ACCORD_RESET_PATH"
     MAX_DELIVERIES: Final = "ACCORD_MAX_DELIVERIES"
     TPC_OUTCOME_AFTER_S: Final = "ACCORD_TPC_OUTCOME_AFTER_S"
     # The stream and new subscriptions: one setting for the whole cluster (chart values
