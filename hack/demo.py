@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from accord_operator.envtest import ControlPlane, local_service
+from accord_operator.envtest import ControlPlane, incluster, local_service
 from accord_operator.envtest.controlplane import die_with_parent, free_port
 from accord_operator.envtest.crds import install_crds
 from accord_operator.envtest.node import LocalCluster
@@ -284,10 +284,36 @@ def wait_settled(cluster: ControlPlane | LocalCluster, stop: threading.Event) ->
         time.sleep(0.5)
 
 
+def order_summary(cluster: LocalCluster, samples: str, stop: threading.Event) -> None:
+    """The read side: examples/projection-order-summary.yaml, fed by the events the
+    participants published for each saga call, queried through the projection's Service."""
+    step("the order-summary projection: the participants' events, read through its Service")
+    proj = yaml.safe_load((ROOT / "examples" / "projection-order-summary.yaml").read_text())
+    proj["spec"]["projector"].update(image=samples, imagePullPolicy="Never")
+    cluster.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps(proj))
+    deadline = time.monotonic() + 180
+    status: dict[str, object] = {}
+    while time.monotonic() < deadline and not stop.is_set():
+        got = json.loads(cluster.kubectl("get", "proj", "order-summary", "-n", NAMESPACE,
+                                         "-o", "json").stdout)  # fmt: skip
+        status = got.get("status") or {}
+        if status.get("phase") == "Live" and int(str(status.get("eventsProcessed", 0))) >= 6:
+            break
+        time.sleep(1)
+    print(cluster.kubectl("get", "proj", "-n", NAMESPACE, "-o", "wide").stdout)
+    cluster.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps(
+        incluster.query_pod(samples, "query-orders", "http://order-summary/orders")))  # fmt: skip
+    cluster.kubectl("wait", "-n", NAMESPACE, "--for=jsonpath={.status.phase}=Succeeded",
+                    "pod/query-orders", "--timeout=120s")  # fmt: skip
+    answer = json.loads(cluster.kubectl("logs", "-n", NAMESPACE, "query-orders").stdout)
+    step("GET http://order-summary/orders (from a pod)")
+    for order, summary in answer["orders"].items():
+        print(f"    order {order}: {summary['status']:<22} {', '.join(summary['steps'])}")
+
+
 def real_node(once: bool, stop: threading.Event) -> int:
     """The demo in a real cluster: every saga call goes operator pod -> participant sidecar
     (TokenReview) -> app container."""
-    from accord_operator.envtest import incluster
     from accord_operator.envtest.images import build_images
 
     started = time.monotonic()
@@ -307,7 +333,7 @@ def real_node(once: bool, stop: threading.Event) -> int:
         for role in SHOP:
             docs += [
                 {**d, "metadata": {**d["metadata"], "namespace": NAMESPACE}}
-                for d in incluster.participant(refs["samples"], role)
+                for d in incluster.participant(refs["samples"], role, events_topic="shop.orders")
             ]
         cluster.kubectl(
             "apply",
@@ -328,6 +354,7 @@ def real_node(once: bool, stop: threading.Event) -> int:
             print("    " + out.stdout.strip())
         wait_settled(cluster, stop)
         print_resources(cluster)
+        order_summary(cluster, refs["samples"], stop)
         step("what the participants did (kubectl logs deploy/<role> -c <role>)")
         for role in SHOP:
             logs = cluster.kubectl("logs", "-n", NAMESPACE, f"deploy/{role}", "-c", role).stdout

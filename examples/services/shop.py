@@ -8,6 +8,12 @@ Payment declines orders over 1,000.00 (amountCents > 100000) with a 402: a busin
 refusal, which makes the saga compensate. `POST /_limit {"declineAboveCents": N}` (on the
 app's own port, so from inside the pod only) changes that limit, as an operator raising a
 customer's credit limit would.
+
+With `--events TOPIC` each answered call is also published, through the sidecar
+(ACCORD_SIDECAR_URL), as a domain event {"orderId", "role", "action", "status"} keyed by the
+order (partition key) with the saga call's idempotency key as its id: what an order-summary
+projection reads (examples/projection-order-summary.yaml). A call whose event cannot be
+published gets a 503, so the saga retries it.
 """
 
 from __future__ import annotations
@@ -15,9 +21,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 from typing import Any
 
-from aiohttp import web
+from aiohttp import ClientError, ClientSession, web
 
 DECLINE_ABOVE_CENTS = 100_000
 
@@ -58,7 +65,9 @@ def main() -> None:
     # Loopback: behind its sidecar, only the sidecar reaches the app.
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--events", metavar="TOPIC", help="publish each answered call here")
     args = parser.parse_args()
+    sidecar = os.environ.get("ACCORD_SIDECAR_URL", "http://127.0.0.1:3500")
     ids = itertools.count(1)
     done: dict[str, tuple[int, dict[str, Any]]] = {}
     limit = {"declineAboveCents": DECLINE_ABOVE_CENTS}
@@ -82,10 +91,30 @@ def main() -> None:
             ids,
             limit["declineAboveCents"],
         )
+        if args.events and not await publish(request.path, body, status, key):
+            return web.json_response({"error": "could not publish the event; retry"}, status=503)
         if key:
             done[key] = (status, payload)
         print(f"{args.role}: {request.path} -> {status} {json.dumps(payload)}", flush=True)
         return web.json_response(payload, status=status)
+
+    async def publish(path: str, body: Any, status: int, key: str | None) -> bool:
+        order = str(((body if isinstance(body, dict) else {}).get("input") or {}).get("orderId"))
+        event = {"orderId": order, "role": args.role, "action": path.strip("/"),
+                 "status": "done" if status < 300 else "refused"}  # fmt: skip
+        headers = {"Accord-Partition-Key": order}
+        if key:
+            headers["Accord-Idempotency-Key"] = key  # a retried call: the same event
+        try:
+            async with (
+                ClientSession() as session,
+                session.post(
+                    f"{sidecar}/v1/publish/{args.events}", json=event, headers=headers
+                ) as r,
+            ):
+                return r.status == 200
+        except ClientError:
+            return False
 
     app = web.Application()
     app.router.add_route("*", "/{path:.*}", handle)

@@ -99,15 +99,19 @@ def behind_inbound(
     ]
 
 
-def participant(samples_image: str, role: str, **pod_spec: Any) -> list[dict[str, Any]]:
+def participant(
+    samples_image: str, role: str, events_topic: str | None = None, **pod_spec: Any
+) -> list[dict[str, Any]]:
     """A sample participant (examples/services/shop.py) as a Deployment, and its Service,
-    which points at the sidecar's inbound port as the saga wire contract expects."""
+    which points at the sidecar's inbound port as the saga wire contract expects
+    (events_topic: it publishes each answered call there, through its sidecar)."""
     labels = {"app": role}
+    events = ["--events", events_topic] if events_topic else []
     container = {
         "name": role,
         "image": samples_image,
         "imagePullPolicy": "Never",
-        "args": ["shop.py", "--role", role, "--port", "8080"],
+        "args": ["shop.py", "--role", role, "--port", "8080", *events],
         "securityContext": RESTRICTED,
     }
     template = {
@@ -169,3 +173,23 @@ def transaction_reader_binding(namespace: str) -> dict[str, Any]:
             }
         ],
     }
+
+
+def query_pod(samples_image: str, name: str, url: str) -> dict[str, Any]:
+    """A pod that GETs `url` once (a query through a Service) and prints the answer."""
+    code = (
+        "import sys, urllib.request; "
+        f"sys.stdout.write(urllib.request.urlopen({url!r}, timeout=30).read().decode())"
+    )
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "annotations": {"accord.dev/inject": "false"}},
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [{
+                "name": "query", "image": samples_image, "imagePullPolicy": "Never",
+                "args": ["-c", code], "securityContext": RESTRICTED,
+            }],
+        },
+    }  # fmt: skip
