@@ -521,8 +521,9 @@ def test_a_participant_cut_off_after_its_vote_learns_the_decision_with_its_own_a
 READS = "reads"
 PUBLISH = """
 import json, os, time, urllib.request, urllib.error
-n = int(os.environ["N"])
-for i in range(n):
+n, first = int(os.environ["N"]), int(os.environ.get("FIRST", "0"))
+for i in range(first, n):
+    time.sleep(float(os.environ.get("PAUSE", "0")))
     event = {"id": f"o-{i}", "customer": f"c{i % 5}", "amountCents": 100 + i}
     while True:  # until the sidecar (and its broker) take it; the same id: stored once
         try:
@@ -538,8 +539,10 @@ print("published", n, "last sequence", last)
 """
 
 
-def publish(k8s: E2ECluster, namespace: str, n: int) -> str:
-    """A pod with the sidecar injected publishes n order events through it."""
+def publish(k8s: E2ECluster, namespace: str, n: int, first: int = 0, pause: float = 0,
+            wait: bool = True) -> str:  # fmt: skip
+    """A pod with the sidecar injected publishes order events o-<first>..o-<n-1> through it
+    (`pause` seconds before each; wait: until it is done, and its log)."""
     pod = {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -549,21 +552,46 @@ def publish(k8s: E2ECluster, namespace: str, n: int) -> str:
             "restartPolicy": "Never",
             "containers": [{
                 "name": "publish", "image": k8s.images["samples"], "imagePullPolicy": "Never",
-                "args": ["-c", PUBLISH], "env": [{"name": "N", "value": str(n)}],
+                "args": ["-c", PUBLISH], "env": [{"name": "N", "value": str(n)},
+                                                 {"name": "FIRST", "value": str(first)},
+                                                 {"name": "PAUSE", "value": str(pause)}],
                 "securityContext": RESTRICTED,
             }],
         },
     }  # fmt: skip
     k8s.apply(pod, namespace=namespace)
+    name: str = pod["metadata"]["name"]
+    return published(k8s, namespace, name) if wait else name
+
+
+def published(k8s: E2ECluster, namespace: str, name: str) -> str:
+    """Wait for a publish pod to finish: its log."""
     k8s.wait_until(
-        f"{n} events published",
+        f"{name} finished",
         lambda: (
-            k8s.get("pod", pod["metadata"]["name"], "-n", namespace)["status"].get("phase")
-            in ("Succeeded", "Failed")
+            k8s.get("pod", name, "-n", namespace)["status"].get("phase") in ("Succeeded", "Failed")
         ),
-        timeout=180,
+        timeout=240,
     )
-    return k8s.kubectl("logs", pod["metadata"]["name"], "-n", namespace, "-c", "publish")
+    return k8s.kubectl("logs", name, "-n", namespace, "-c", "publish")
+
+
+WATCH_QUERIES = """
+import json, os, time, urllib.request
+seen, until = [], time.time() + float(os.environ["SECONDS"])
+while time.time() < until:
+    try:
+        with urllib.request.urlopen(os.environ["URL"], timeout=5) as r:
+            model = json.load(r)
+        seen.append([model["generation"], model["events"]])
+        if model["generation"] == os.environ["LAST_GENERATION"] and model["events"] >= int(
+                os.environ["LAST_EVENTS"]):
+            break
+    except Exception as exc:
+        seen.append(["error", repr(exc)])
+    time.sleep(0.2)
+print(json.dumps(seen))
+"""
 
 
 def projection_status(k8s: E2ECluster) -> dict[str, Any]:
@@ -604,19 +632,48 @@ def test_a_projection_runs_as_pods_and_its_status_tells_the_truth(accord: E2EClu
     assert (model["generation"], model["events"]) == ("0", 300)
     assert sum(c["orders"] for c in model["customers"].values()) == 300
 
-    # Rebuild: generation 1 fills beside generation 0, then takes over the Service.
+    # Rebuild under live traffic: generation 1 fills beside generation 0, which keeps
+    # serving (and projecting the new events) until generation 1 has caught up and takes
+    # over the Service. A pod queries the Service all along: never an empty or half-built
+    # model, never an error.
+    watcher = {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "watch-queries", "annotations": {"accord.dev/inject": "false"}},
+        "spec": {"restartPolicy": "Never", "containers": [{
+            "name": "run", "image": accord.images["samples"], "imagePullPolicy": "Never",
+            "args": ["-c", WATCH_QUERIES], "securityContext": RESTRICTED,
+            "env": [{"name": k, "value": v} for k, v in {
+                "URL": f"http://orders.{READS}.svc/orders", "SECONDS": "200",
+                "LAST_GENERATION": "1", "LAST_EVENTS": "350"}.items()],
+        }]},
+    }  # fmt: skip
+    accord.apply(watcher, namespace=READS)
+    accord.wait_until("the watcher queries",
+                      lambda: accord.get("pod", "watch-queries", "-n", READS)["status"].get(
+                          "phase") in ("Running", "Succeeded"))  # fmt: skip
+    traffic = publish(accord, READS, 350, first=300, pause=0.1, wait=False)
     accord.kubectl("patch", "proj", "orders", "-n", READS, "--type=merge",
                    "-p", '{"spec": {"rebuildGeneration": 1}}')  # fmt: skip
+    assert "published 350" in published(accord, READS, traffic)
     accord.wait_until(
-        "generation 1 serves",
+        "generation 1 serves, all 350 projected",
         lambda: (
             (s := projection_status(accord)).get("phase") == "Live"
             and s.get("servingGeneration") == 1
+            and s.get("eventsProcessed") == 350
         ),
         timeout=180,
     )
+    accord.wait_until("the watcher done", lambda: accord.get(
+        "pod", "watch-queries", "-n", READS)["status"].get("phase") == "Succeeded",
+        timeout=120)  # fmt: skip
+    seen = json.loads(accord.kubectl("logs", "watch-queries", "-n", READS).strip().splitlines()[-1])
+    assert seen and all(g in ("0", "1") and n >= 300 for g, n in seen), seen
+    assert seen[0][0] == "0" and [g for g, _ in seen] == sorted(g for g, _ in seen)  # the switch
+    assert seen[-1] == ["1", 350], seen[-1]
     rebuilt = query(accord, "query-1")
-    assert (rebuilt["generation"], rebuilt["customers"]) == ("1", model["customers"])
+    assert rebuilt["generation"] == "1" and rebuilt["events"] == 350
+    assert sum(c["orders"] for c in rebuilt["customers"].values()) == 350
     accord.wait_until(
         "generation 0 removed",
         lambda: not accord.get("deployments", "-n", READS, "-l",
@@ -639,7 +696,7 @@ def test_a_projection_runs_as_pods_and_its_status_tells_the_truth(accord: E2EClu
         lambda: (s := projection_status(accord)).get("phase") == "Live" and s,
         timeout=180,
     )
-    assert resumed["eventsProcessed"] == 300  # the broker dropped the re-published ids
+    assert resumed["eventsProcessed"] == 350  # the broker dropped the re-published ids
     events = accord.kubectl("get", "events", "-n", READS, "--field-selector",
                             "involvedObject.kind=CQRSProjection", "-o", "json")  # fmt: skip
     reasons = {e["reason"] for e in json.loads(events)["items"]}
@@ -668,7 +725,7 @@ def test_a_partitioned_projection_shares_its_partitions_out_among_its_pods(
         lambda: (s := status()).get("phase") == "Live" and s,
         timeout=180,
     )
-    assert (live["lag"], live["eventsProcessed"], live["readyReplicas"]) == (0, 300, 2)
+    assert (live["lag"], live["eventsProcessed"], live["readyReplicas"]) == (0, 350, 2)
     pods = accord.get("pods", "-n", READS, "-l", "accord.dev/projection=split")["items"]
     assert len(pods) == 2
 
@@ -681,8 +738,8 @@ def test_a_partitioned_projection_shares_its_partitions_out_among_its_pods(
         "each pod owns a partition",
         lambda: all("2 replica(s); this one takes partitions" in sidecar_log(p) for p in pods),
     )
-    assert "published 320" in publish(accord, READS, 320)  # o-300..o-319 are new
-    accord.wait_until("320 projected", lambda: status().get("eventsProcessed") == 320)
+    assert "published 370" in publish(accord, READS, 370, first=350)  # o-350..o-369: new
+    accord.wait_until("370 projected", lambda: status().get("eventsProcessed") == 370)
     code = (
         "import urllib.request, sys; "
         "sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:8080/orders').read().decode())"
@@ -693,7 +750,7 @@ def test_a_partitioned_projection_shares_its_partitions_out_among_its_pods(
         out = accord.kubectl("exec", "-n", READS, name, "-c", "projector", "--",
                              "python", "-c", code)  # fmt: skip
         counts.append(json.loads(out.strip().splitlines()[-1])["events"])
-    assert all(counts) and sum(counts) == 320, counts  # each its partition, each event once
+    assert all(counts) and sum(counts) == 370, counts  # each its partition, each event once
 
 
 def test_projection_example_is_accepted(accord: E2ECluster) -> None:
