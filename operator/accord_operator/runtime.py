@@ -17,6 +17,7 @@ from typing import Any
 import kopf
 from aiohttp import web
 
+import accord_wire as wire
 from accord_operator import __version__, metrics
 from accord_operator.injector import handlers as injector_handlers
 from accord_operator.injector.patch import Injector, supports_native_sidecars
@@ -188,7 +189,9 @@ async def run(settings: Settings, mode: Mode = Mode.ALL, stop: asyncio.Event | N
         api=api,
         sagas=SagaDriver(api, participants),
         transactions=TpcDriver(api, participants),
-        broker=BrokerView(settings.nats_url),
+        broker=BrokerView(
+            settings.nats_url, wire.stream_config_from_env(dict(settings.broker_env))
+        ),
         namespaces=tuple(settings.namespaces),
     )
     elector = None

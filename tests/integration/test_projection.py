@@ -6,6 +6,7 @@ runs them as real pods). Everything the status says comes from the broker."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nats
 import pytest
 
 from accord_operator.envtest.controlplane import free_port
@@ -394,3 +396,46 @@ def test_ten_thousand_events_survive_the_projector_and_its_sidecar_killed_mid_st
     assert live["lag"] == 0
     model = bed.read_model(app)
     assert model["events"] == total and model["customers"] == expected_model(total)
+
+
+def test_the_operator_makes_the_stream_and_says_when_it_cannot_be_a_source(bed: Bed) -> None:
+    """No stream yet (no sidecar made it): the operator makes it, with the chart's settings.
+    A stream that does not take the topic's subject is named in the status."""
+
+    async def drop_and(js: Any, subjects: list[str] | None) -> None:
+        await js.delete_stream("ACCORD")
+        if subjects is not None:
+            await js.add_stream(name="ACCORD", subjects=subjects)
+
+    def on_broker(subjects: list[str] | None) -> None:
+        async def run() -> None:
+            nc = await nats.connect(bed.nats.url)
+            try:
+                await drop_and(nc.jetstream(), subjects)
+            finally:
+                await nc.close()
+
+        asyncio.run(run())
+
+    on_broker(None)
+    bed.cluster.apply(bed.projection(), bed.namespace)
+    pending = wait_until(lambda: (s := bed.status()).get("lag") == 0 and s, timeout=30)
+    assert pending["lag"] == 0 and "projector" in pending["message"], pending
+
+    async def subjects() -> list[str]:
+        nc = await nats.connect(bed.nats.url)
+        try:
+            return list((await nc.jetstream().stream_info("ACCORD")).config.subjects or [])
+        finally:
+            await nc.close()
+
+    assert asyncio.run(subjects()) == ["accord.>"]
+    on_broker(["other.>"])
+    wrong = wait_until(
+        lambda: (
+            "does not take subject accord.orders.events" in bed.status().get("message", "")
+            and bed.status()
+        ),
+        timeout=30,
+    )
+    assert wrong["phase"] == "Pending" and wrong["conditions"]

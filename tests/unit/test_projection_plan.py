@@ -183,3 +183,14 @@ def test_an_in_place_projection_asks_its_sidecar_to_reset_the_model_before_a_rep
     assert annotations["accord.dev/subscribe-reset"] == "/projection/reset"
     blue_green = plan.deployment(proj(), 1)["spec"]["template"]["metadata"]["annotations"]
     assert "accord.dev/subscribe-reset" not in blue_green
+
+
+def test_nats_subject_matching_for_the_streams_check() -> None:
+    assert wire.subject_matches("accord.>", "accord.orders.events")
+    assert not wire.subject_matches("accord.>", "accord")
+    assert wire.subject_matches("accord.*", "accord.orders")
+    assert not wire.subject_matches("accord.*", "accord.orders.events")
+    assert wire.subject_matches("accord.orders.events", "accord.orders.events")
+    assert not wire.subject_matches("other.>", "accord.orders")
+    config = wire.stream_config(604800, -1, 1, "file")
+    assert config["subjects"] == ["accord.>"] and config["max_age"] == 604800.0

@@ -13,6 +13,7 @@ import logging
 from typing import Any
 
 import nats
+from nats.js import api
 from nats.js.errors import NotFoundError
 
 import accord_wire as wire
@@ -30,8 +31,9 @@ class BrokerUnavailable(Exception):
 class BrokerView:
     """Reads streams and consumers; connects on first use and again after a loss."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, stream: dict[str, Any] | None = None) -> None:
         self.url = url
+        self.stream = stream or wire.stream_config()  # made as the sidecars would make it
         self._nc: Any = None
         self._lock = asyncio.Lock()
 
@@ -76,9 +78,12 @@ class BrokerView:
         try:
             stream = await js.stream_info(wire.STREAM, subjects_filter=subject)
         except NotFoundError:
-            return Progress(stream_found=False, topic_events=0)
+            stream = await self._make_stream(js, subject)
         except Exception as exc:
             raise BrokerUnavailable(f"cannot read stream {wire.STREAM}: {exc}") from None
+        wrong = _unfit(stream.config, subject)
+        if wrong:
+            return Progress(stream_found=True, topic_events=0, stream_problem=wrong)
         topic_events = int((stream.state.subjects or {}).get(subject, 0))
         names = (
             [wire.consumer_name(app_id, topic)]
@@ -154,6 +159,22 @@ class BrokerView:
             )
         return done == len(consumers)
 
+    async def _make_stream(self, js: Any, subject: str) -> Any:
+        """The write side's stream, made (with the chart's settings) when a projection
+        needs it before any sidecar made it."""
+        config = api.StreamConfig(
+            **{**self.stream, "storage": api.StorageType(self.stream["storage"])}
+        )
+        try:
+            await js.add_stream(config)
+            logger.info("created stream %s for the projections' topics", wire.STREAM)
+        except Exception as exc:  # made meanwhile by a sidecar, or the broker is away
+            logger.debug("stream %s not created: %s", wire.STREAM, exc)
+        try:
+            return await js.stream_info(wire.STREAM, subjects_filter=subject)
+        except Exception as exc:
+            raise BrokerUnavailable(f"cannot read stream {wire.STREAM}: {exc}") from None
+
     async def _failing(self, js: Any, consumers: list[str]) -> str | None:
         """What the sidecar reports failing on one of these consumers (None: nothing)."""
         try:
@@ -176,6 +197,24 @@ class BrokerView:
     async def close(self) -> None:
         if self._nc is not None and not self._nc.is_closed:
             await self._nc.close()
+
+
+def _unfit(config: Any, subject: str) -> str | None:
+    """Why the stream cannot be a projection's source (None: it can): it must take the
+    topic's subject and keep events by limits (a replay reads them again)."""
+    subjects = list(config.subjects or [])
+    if not any(wire.subject_matches(p, subject) for p in subjects):
+        return (
+            f"stream {wire.STREAM} does not take subject {subject} (its subjects: "
+            f"{', '.join(subjects) or 'none'}); events of the topic are not kept"
+        )
+    retention = getattr(config.retention, "value", config.retention) or "limits"
+    if retention != "limits":
+        return (
+            f"stream {wire.STREAM} has retention {retention}: a projection needs limits "
+            "(events kept after delivery, for replays and rebuilds)"
+        )
+    return None
 
 
 def _rfc3339(value: Any) -> str | None:

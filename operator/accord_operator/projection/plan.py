@@ -211,6 +211,7 @@ class Progress:
     last_event_time: str | None = None
     failing: str | None = None  # the head event keeps failing (its sidecar's report)
     parked_keys: int = 0  # keys waiting behind a poison event
+    stream_problem: str | None = None  # the stream cannot be this projection's source
     parked_events: int = 0
 
 

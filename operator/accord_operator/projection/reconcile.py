@@ -103,8 +103,8 @@ async def reconcile(
         problem = str(exc)
     except TimeoutError:
         problem = f"the broker did not answer within {BROKER_TIMEOUT_S:g} s"
-    if progress is not None and not progress.stream_found:
-        problem = "no stream ACCORD on the broker yet (the first sidecar to connect makes it)"
+    if progress is not None and progress.stream_problem:
+        problem, progress = progress.stream_problem, None
 
     ready = _ready(made)
     new = plan.next_status(proj, target, progress, ready, now, problem)

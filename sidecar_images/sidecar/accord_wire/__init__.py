@@ -7,7 +7,7 @@ too. tests/unit/test_wire.py proves each side uses it."""
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 # -- HTTP headers ------------------------------------------------------------------------------
 
@@ -207,6 +207,26 @@ def subject(topic: str) -> str:
     return SUBJECT_PREFIX + topic
 
 
+STREAM_DUPLICATE_WINDOW_S: Final = 120
+
+
+def stream_config(
+    max_age_s: int = 0, max_bytes: int = -1, replicas: int = 1, storage: str = "file"
+) -> dict[str, Any]:
+    """The stream's configuration (the fields of nats-py's StreamConfig) from the chart's
+    settings: whoever makes it first (a sidecar, or the operator for a projection) makes
+    the same stream."""
+    return {
+        "name": STREAM,
+        "subjects": [SUBJECT_PREFIX + ">"],
+        "storage": storage,
+        "duplicate_window": STREAM_DUPLICATE_WINDOW_S,
+        "max_age": float(max_age_s) if max_age_s else None,
+        "max_bytes": max_bytes,
+        "num_replicas": replicas,
+    }
+
+
 def durable_name(app_id: str, topic: str) -> str:
     """The consumer of one app on one topic: readable, and injective. Two different
     (app, topic) pairs never share a consumer (the hash is over the exact pair), so no
@@ -267,3 +287,29 @@ def command_key(consumer: str) -> str:
     """Where the operator asks an ordered consumer's owner to act on its parked events
     (JSON {"action": "retry" | "skip", "nonce"}), and `done.<consumer>` where it answers."""
     return f"cmd.{consumer}"
+
+
+def stream_config_from_env(env: dict[str, str]) -> dict[str, Any]:
+    """stream_config from the broker settings as passed to every sidecar (SidecarEnv.BROKER),
+    each checked as the sidecar checks it."""
+
+    def value(name: str, default: str) -> str:
+        return check_broker_setting(name, env.get(name) or default)
+
+    return stream_config(
+        int(value(SidecarEnv.STREAM_MAX_AGE_S, "0")),
+        int(value(SidecarEnv.STREAM_MAX_BYTES, "-1")),
+        int(value(SidecarEnv.STREAM_REPLICAS, "1")),
+        value(SidecarEnv.STREAM_STORAGE, "file"),
+    )
+
+
+def subject_matches(pattern: str, subject_: str) -> bool:
+    """NATS subject matching: '*' is one token, '>' the rest (one token at least)."""
+    want, have = pattern.split("."), subject_.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(have) > i
+        if i >= len(have) or (token != "*" and token != have[i]):
+            return False
+    return len(want) == len(have)

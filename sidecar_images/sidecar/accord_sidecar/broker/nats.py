@@ -41,7 +41,7 @@ logger = logging.getLogger("accord.sidecar.broker")
 STREAM = wire.STREAM
 PREFIX = wire.SUBJECT_PREFIX
 durable_name = wire.durable_name
-DUPLICATE_WINDOW_S = 120
+DUPLICATE_WINDOW_S = wire.STREAM_DUPLICATE_WINDOW_S
 # Ordered subscriptions: which sidecar of an app delivers (one at a time), a key per consumer
 # in this bucket. The broker forgets a claim OWNER_TTL_S after it was last renewed.
 OWNERS_BUCKET = wire.OWNERS_BUCKET
@@ -87,15 +87,8 @@ class StreamSettings:
     new_consumers_start: str = "all"  # "all": from the first stored event; "new": from now
 
     def config(self) -> api.StreamConfig:
-        return api.StreamConfig(
-            name=STREAM,
-            subjects=[PREFIX + ">"],
-            storage=api.StorageType.MEMORY if self.storage == "memory" else api.StorageType.FILE,
-            duplicate_window=DUPLICATE_WINDOW_S,
-            max_age=float(self.max_age_s) if self.max_age_s else None,
-            max_bytes=self.max_bytes,
-            num_replicas=self.replicas,
-        )
+        fields = wire.stream_config(self.max_age_s, self.max_bytes, self.replicas, self.storage)
+        return api.StreamConfig(**{**fields, "storage": api.StorageType(fields["storage"])})
 
 
 class Broker:
