@@ -210,6 +210,7 @@ class ProjectionStatus(TypedDict):
     readyReplicas: NotRequired[int]
     parkedKeys: NotRequired[int]
     parkedEvents: NotRequired[int]
+    deadLettered: NotRequired[int]
     parkedCommand: NotRequired[ParkedCommand]
     message: NotRequired[str]
     conditions: NotRequired[list[Condition]]

@@ -221,6 +221,12 @@ PROJECTION_PARKED = Gauge(
     ["namespace", "projection"],
     registry=REGISTRY,
 )
+PROJECTION_DEAD_LETTERED = Gauge(
+    "accord_projection_dead_lettered",
+    "Events the generation building the read model sent to the dead-letter topic.",
+    ["namespace", "projection"],
+    registry=REGISTRY,
+)
 PROJECTION_SWITCHES = Counter(
     "accord_projection_generation_switches_total",
     "Rebuilt read models that took over the query Service.",
@@ -230,6 +236,12 @@ PROJECTION_SWITCHES = Counter(
 
 def forget_projection(namespace: str, name: str) -> None:
     """A deleted projection's series go with it."""
-    for gauge in (PROJECTION_LAG, PROJECTION_POSITION, PROJECTION_EVENTS, PROJECTION_PARKED):
+    for gauge in (
+        PROJECTION_LAG,
+        PROJECTION_POSITION,
+        PROJECTION_EVENTS,
+        PROJECTION_PARKED,
+        PROJECTION_DEAD_LETTERED,
+    ):
         with contextlib.suppress(KeyError):
             gauge.remove(namespace, name)

@@ -256,6 +256,7 @@ def test_a_failing_event_degrades_it_with_the_reason_until_it_is_dead_lettered(b
     )
     assert live["eventsProcessed"] == 10
     assert bed.read_model(app)["events"] == 9  # all but the poison one
+    assert wait_until(lambda: bed.status().get("deadLettered") == 1)
 
 
 def test_partitions_are_shared_by_the_replicas_and_the_status_covers_them_all(bed: Bed) -> None:
@@ -300,6 +301,7 @@ def test_a_poison_event_parks_its_key_until_the_annotation_retries_it(bed: Bed) 
         timeout=60,
     )
     assert parked["phase"] == "Live" and "1 key(s) parked" in parked["message"]
+    assert parked["deadLettered"] == 1  # o-3, on <topic>.dlq with its reason
     model = bed.read_model(app)
     assert model["events"] == 8 and "c3" not in model["customers"]
 

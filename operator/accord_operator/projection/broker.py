@@ -7,6 +7,7 @@ our own code."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import json
 import logging
@@ -117,7 +118,20 @@ class BrokerView:
             last_event_time=when,
             failing=await self._failing(js, names),
             **await self._parked(js, names),
+            dead_lettered=await self._dead_lettered(js, names),
         )
+
+    async def _dead_lettered(self, js: Any, consumers: list[str]) -> int:
+        """Events these consumers sent to the dead-letter topic (their sidecars count)."""
+        try:
+            kv = await js.key_value(wire.COUNTS_BUCKET)
+        except Exception:
+            return 0  # nothing was ever dead-lettered
+        total = 0
+        for name in consumers:
+            with contextlib.suppress(Exception):
+                total += int((await kv.get(wire.dead_lettered_key(name))).value or b"0")
+        return total
 
     async def _parked(self, js: Any, consumers: list[str]) -> dict[str, int]:
         """How many keys, and events, wait behind poison events on these consumers."""

@@ -49,7 +49,8 @@ def register(registry: kopf.OperatorRegistry) -> None:
                       message=f"parked events: {done} carried out by the projectors")  # fmt: skip
         gauges = {"lag": metrics.PROJECTION_LAG, "position": metrics.PROJECTION_POSITION,
                   "eventsProcessed": metrics.PROJECTION_EVENTS,
-                  "parkedEvents": metrics.PROJECTION_PARKED}  # fmt: skip
+                  "parkedEvents": metrics.PROJECTION_PARKED,
+                  "deadLettered": metrics.PROJECTION_DEAD_LETTERED}  # fmt: skip
         for key, gauge in gauges.items():
             if key in new:
                 gauge.labels(meta["namespace"], meta["name"]).set(new[key])

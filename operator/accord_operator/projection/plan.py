@@ -211,6 +211,7 @@ class Progress:
     last_event_time: str | None = None
     failing: str | None = None  # the head event keeps failing (its sidecar's report)
     parked_keys: int = 0  # keys waiting behind a poison event
+    dead_lettered: int = 0  # events sent to the dead-letter topic, ever (this generation)
     stream_problem: str | None = None  # the stream cannot be this projection's source
     parked_events: int = 0
 
@@ -247,7 +248,11 @@ def next_status(
         backlog = 0 if spec["source"].get("startFrom") == "New" else progress.topic_events
         status.update(position=0, lag=backlog, eventsProcessed=0)
     if progress is not None and progress.consumer_found:
-        status.update(parkedKeys=progress.parked_keys, parkedEvents=progress.parked_events)
+        status.update(
+            parkedKeys=progress.parked_keys,
+            parkedEvents=progress.parked_events,
+            deadLettered=progress.dead_lettered,
+        )
     if progress is not None and progress.last_event_time:
         status["lastEventTime"] = progress.last_event_time
     elif old.get("lastEventTime"):

@@ -879,10 +879,12 @@ class Subscriber:
             "deadletterreason": reason[:1000],
             "deadletterdeliveries": delivered,
             "deadlettertopic": self.topic,
+            "deadletterapp": self.config.app_id,
         }
         if dead.get("topic", self.topic) == self.topic:  # ours; a user's own is kept
             dead["topic"] = f"{self.topic}.dlq"
-        dlq_id = f"dlq-{event.get('id') or msg.metadata.sequence.stream}"
+        # Per consumer: two subscriptions dead-lettering one event are two records.
+        dlq_id = f"dlq-{self.ownership.key}-{event.get('id') or msg.metadata.sequence.stream}"
         data = json.dumps(dead).encode()
         try:
             self.broker.check_size(data, {**HEADERS, "Nats-Msg-Id": dlq_id})
@@ -895,6 +897,8 @@ class Subscriber:
             data = json.dumps(dead).encode()
         await self.broker.publish(f"{self.topic}.dlq", data, dlq_id, HEADERS)
         metrics.DEAD_LETTERED.labels(self.label).inc()
+        with contextlib.suppress(Exception):  # the count in a projection's status
+            await asyncio.wait_for(self.broker.count_dead_letter(self.ownership.key), 2)
 
 
 def _seq(msg: Any) -> int:

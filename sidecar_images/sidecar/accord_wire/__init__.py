@@ -259,6 +259,12 @@ def partition_of(key: str, count: int) -> int:
 
 
 OWNERS_BUCKET: Final = "ACCORD_OWNERS"  # NATS key-value: who delivers, who is failing
+COUNTS_BUCKET: Final = "ACCORD_COUNTS"  # NATS key-value, kept: what each consumer counted
+
+
+def dead_lettered_key(consumer: str) -> str:
+    """How many events a consumer sent to the dead-letter topic (a decimal number)."""
+    return f"dead.{consumer}"
 
 
 def failing_key(consumer: str) -> str:

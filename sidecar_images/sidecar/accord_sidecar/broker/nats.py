@@ -105,6 +105,7 @@ class Broker:
         self._closing = False
         self._had_stream = False  # seen once: missing later means the broker lost it
         self._owners_kv: Any = None
+        self._counts_kv: Any = None
 
     @property
     def connected(self) -> bool:
@@ -462,6 +463,31 @@ class Broker:
     async def done(self, consumer: str, nonce: str) -> None:
         kv = await self._owners()
         await kv.put(f"done.{consumer}", nonce.encode())
+
+    async def count_dead_letter(self, consumer: str) -> None:
+        """One more event dead-lettered by this consumer (COUNTS_BUCKET, kept: no TTL)."""
+        assert self.js is not None
+        if self._counts_kv is None:
+            try:
+                self._counts_kv = await self.js.key_value(wire.COUNTS_BUCKET)
+            except BucketNotFoundError:
+                self._counts_kv = await self.js.create_key_value(
+                    bucket=wire.COUNTS_BUCKET, history=1, replicas=self.stream.replicas
+                )
+        kv, key = self._counts_kv, wire.dead_lettered_key(consumer)
+        for _ in range(10):  # compare-and-set: another partition's owner may count too
+            try:
+                entry = await kv.get(key)
+                await kv.update(key, str(int(entry.value or b"0") + 1).encode(), entry.revision)
+                return
+            except KeyNotFoundError:
+                try:
+                    await kv.create(key, b"1")
+                    return
+                except KeyWrongLastSequenceError:
+                    continue
+            except KeyWrongLastSequenceError:
+                continue
 
     async def leave(self, group: str, holder: str) -> None:
         """No longer one of `group` (the others share its partitions out at once)."""
