@@ -14,6 +14,8 @@ GET  /orders          {"generation", "events", "customers": {c: {"orders", "amou
 GET  /healthz         200 once the read model is open
 POST /projection/reset   (--in-place: one read model for all generations) empty it for this
                   generation, once: its sidecar calls it before a new generation's replay
+--forward URL      each delivery's applied events ({"id", "partitionkey"}) are also POSTed
+                  there before it is answered: one log for several replicas (tests)
 POST /_behave {"delayMs": N, "failIds": [...]}   how long each delivery takes (tests make
                   lag this way); events it answers 500 for (a poison event)
 """
@@ -28,7 +30,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from aiohttp import ClientSession, web
+from aiohttp import ClientError, ClientSession, web
 
 
 class ReadModel:
@@ -98,6 +100,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8080")))
     parser.add_argument("--host", default="0.0.0.0")  # the query Service reaches it directly
     parser.add_argument("--data", default=os.environ.get("PROJECTOR_DATA", "/tmp"))
+    parser.add_argument(
+        "--forward", metavar="URL", help="also POST what each delivery applied here (a log)"
+    )
     parser.add_argument("--in-place", action="store_true",
                         help="one read model for every generation (in-place rebuilds)")  # fmt: skip
     args = parser.parse_args()
@@ -124,7 +129,17 @@ def main() -> None:
             if e.get("id") in poison or key in blocked:
                 blocked.add(key)
                 held.add(e.get("id"))
-        model.apply([e for e in events if e.get("id") not in held])
+        applied = [e for e in events if e.get("id") not in held]
+        if args.forward and applied:  # before answering: the log is in delivery order
+            shared = [{"id": e.get("id"), "partitionkey": e.get("partitionkey"),
+                       "generation": generation} for e in applied]  # fmt: skip
+            try:
+                async with ClientSession() as session, session.post(args.forward, json=shared) as r:
+                    if r.status >= 300:
+                        return web.json_response({"error": "forward refused"}, status=503)
+            except (OSError, ClientError) as exc:
+                return web.json_response({"error": f"forward failed: {exc}"}, status=503)
+        model.apply(applied)
         if isinstance(body, list):  # a batch: answered per event (those it could not: RETRY)
             return web.json_response({"statuses": [
                 {"id": e.get("id"), "status": "RETRY" if e.get("id") in held else "SUCCESS"}
