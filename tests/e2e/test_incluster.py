@@ -760,6 +760,109 @@ def test_a_partitioned_projection_shares_its_partitions_out_among_its_pods(
     assert all(counts) and sum(counts) == 370, counts  # each its partition, each event once
 
 
+BULK = "bulk"
+PUBLISH_BATCHES = """
+import json, os, urllib.request, urllib.error, time
+n, size = int(os.environ["N"]), 500
+for start in range(0, n, size):
+    events = [{"specversion": "1.0", "id": f"o-{i}", "source": "/orders", "type": "placed",
+               "data": {"customer": f"c{i % 5}", "amountCents": 100 + i}}
+              for i in range(start, min(n, start + size))]
+    while True:
+        try:
+            request = urllib.request.Request(
+                "http://127.0.0.1:3500/v1/publish/bulk.events", data=json.dumps(events).encode(),
+                headers={"Content-Type": "application/cloudevents-batch+json"})
+            urllib.request.urlopen(request, timeout=30).read()
+            break
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.2)
+print("published", n)
+"""
+
+
+def sigkill_process(cmd: str, env: str) -> int:
+    """SIGKILL, from this host, the process of a pod's container: its command line has
+    `cmd`, its environment `env` (the kubelet restarts the container; nothing in it gets
+    to clean up)."""
+    import os
+    import signal
+    from pathlib import Path
+
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if cmd.encode() in cmdline and env.encode() in environ:
+            os.kill(int(proc.name), signal.SIGKILL)
+            return int(proc.name)
+    raise AssertionError(f"no process {cmd!r} with {env!r}")
+
+
+def test_ten_thousand_events_survive_the_sidecar_and_the_projector_sigkilled(
+    accord: E2ECluster,
+) -> None:
+    """10,000 events into a projection with batches of 100; mid-stream the sidecar's
+    process and then the projector's are SIGKILLed (the kubelet restarts each container,
+    the projector's read model is on its emptyDir): the read model ends exact, each event
+    counted once."""
+    accord.kubectl("create", "namespace", BULK)
+    proj = yaml.safe_load((EXAMPLES / "projection-orders.yaml").read_text())
+    proj["metadata"] = {"name": "tenk", "namespace": BULK}
+    proj["spec"]["source"]["topic"] = "bulk.events"
+    proj["spec"]["projector"].update(image=accord.images["samples"], imagePullPolicy="Never")
+    accord.kubectl("create", "-f", "-", input=json.dumps(proj))
+
+    def status() -> dict[str, Any]:
+        return accord.get("proj", "tenk", "-n", BULK).get("status") or {}
+
+    accord.wait_until("the projector ready", lambda: status().get("readyReplicas") == 1,
+                      timeout=120)  # fmt: skip
+    pod = {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "bulk-api", "annotations": {"accord.dev/inject": "true"}},
+        "spec": {"restartPolicy": "Never", "containers": [{
+            "name": "publish", "image": accord.images["samples"], "imagePullPolicy": "Never",
+            "args": ["-c", PUBLISH_BATCHES], "env": [{"name": "N", "value": "10000"}],
+            "securityContext": RESTRICTED}]},
+    }  # fmt: skip
+    accord.apply(pod, namespace=BULK)
+    accord.wait_until("some projected", lambda: status().get("eventsProcessed", 0) > 1000,
+                      timeout=120, every=0.2)  # fmt: skip
+    sigkill_process("accord_sidecar", "ACCORD_APP_ID=tenk-g0")
+    accord.wait_until("more projected", lambda: status().get("eventsProcessed", 0) > 5000,
+                      timeout=120, every=0.2)  # fmt: skip
+    sigkill_process("projector.py", "ACCORD_PROJECTION_NAME=tenk")
+    assert "published 10000" in published(accord, BULK, "bulk-api")
+    accord.wait_until("all 10,000 projected",
+                      lambda: (s := status()).get("phase") == "Live"
+                      and s.get("eventsProcessed") == 10_000, timeout=240)  # fmt: skip
+    (projector,) = accord.get("pods", "-n", BULK, "-l", "accord.dev/projection=tenk")["items"]
+    restarts = {
+        c["name"]: c["restartCount"]
+        for c in (
+            projector["status"]["containerStatuses"] + projector["status"]["initContainerStatuses"]
+        )
+    }
+    assert restarts["accord-sidecar"] >= 1 and restarts["projector"] >= 1, restarts
+    code = (
+        "import urllib.request, sys; "
+        "sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:8080/orders').read().decode())"
+    )
+    out = accord.kubectl("exec", "-n", BULK, projector["metadata"]["name"], "-c", "projector",
+                         "--", "python", "-c", code)  # fmt: skip
+    model = json.loads(out.strip().splitlines()[-1])
+    assert model["events"] == 10_000
+    assert sum(c["orders"] for c in model["customers"].values()) == 10_000
+    assert sum(c["amountCents"] for c in model["customers"].values()) == sum(
+        100 + i for i in range(10_000)
+    )
+
+
 SCALE = "scale"
 
 

@@ -46,7 +46,10 @@ def test_a_generation_runs_as_one_deployment_whose_pods_subscribe_through_the_si
     (container,) = template["spec"]["containers"]
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env == {"ACCORD_PROJECTION_GENERATION": "2", "ACCORD_PROJECTION_NAME": "orders",
-                   "ACCORD_PROJECTION_TOPIC": "orders.events", "READ_MODEL": "x"}  # fmt: skip
+                   "ACCORD_PROJECTION_TOPIC": "orders.events", "ACCORD_PROJECTION_DATA": "/data",
+                   "READ_MODEL": "x"}  # fmt: skip
+    assert container["volumeMounts"] == [{"name": "data", "mountPath": "/data"}]
+    assert template["spec"]["volumes"] == [{"name": "data", "emptyDir": {}}]
     assert container["args"] == ["projector.py"]
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     # The selector names the generation: two generations never share pods.

@@ -28,6 +28,7 @@ GENERATION_LABEL: str = f"{GROUP}/projection-generation"
 SPEC_HASH: str = f"{GROUP}/spec-hash"  # on a made object: the desired spec it was made from
 GENERATION_ENV = "ACCORD_PROJECTION_GENERATION"  # which read model the projector fills
 NAME_ENV = "ACCORD_PROJECTION_NAME"
+DATA_ENV = "ACCORD_PROJECTION_DATA"  # where the projector may keep what must outlive a restart
 TOPIC_ENV = "ACCORD_PROJECTION_TOPIC"  # the topic, for read-your-writes waits on its sidecar
 QUERY_PORT = 80  # the query Service's port, to the projector's own port
 # What PSS `restricted` asks of a container.
@@ -41,6 +42,7 @@ RESTRICTED: dict[str, Any] = {
 
 PARKED_ANNOTATION: str = f"{GROUP}/parked"  # retry | skip: what to do with parked events
 RESET_PATH = "/projection/reset"  # in-place rebuilds: called on the projector before a replay
+DATA_DIR = "/data"  # the projector's scratch volume (an emptyDir: kept across restarts)
 
 
 def consumers(name: str, generation: int, spec: Mapping[str, Any]) -> list[str]:
@@ -108,11 +110,13 @@ def deployment(proj: Mapping[str, Any], generation: int) -> dict[str, Any]:
             {"name": GENERATION_ENV, "value": str(generation)},
             {"name": NAME_ENV, "value": name},
             {"name": TOPIC_ENV, "value": source["topic"]},
+            {"name": DATA_ENV, "value": DATA_DIR},
             *(
                 {"name": e["name"], "value": str(e.get("value", ""))}
                 for e in projector.get("env") or []
             ),
         ],
+        "volumeMounts": [{"name": "data", "mountPath": DATA_DIR}],
         "securityContext": RESTRICTED,
     }
     for key in ("command", "args"):
@@ -160,6 +164,9 @@ def deployment(proj: Mapping[str, Any], generation: int) -> dict[str, Any]:
                 "metadata": {"labels": labels, "annotations": annotations},
                 "spec": {
                     "containers": [container],
+                    # Scratch space for the projector that outlives a container restart
+                    # (not the pod): a local read model or cache.
+                    "volumes": [{"name": "data", "emptyDir": {}}],
                     "securityContext": {"runAsNonRoot": True},
                     "terminationGracePeriodSeconds": 30,
                 },
