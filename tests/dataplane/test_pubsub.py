@@ -421,3 +421,23 @@ def test_partitions_keep_order_per_key_and_change_hands_as_replicas_come_and_go(
         mine = [c["body"]["id"] for c in calls if c["body"].get("partitionkey") == key]
         assert _in_order_with_replays(mine, ids[key]), (key, mine, ids[key])
     assert all(took(r) for r in replicas)
+
+
+def test_one_event_id_on_two_topics_or_from_two_sources_is_two_events(
+    spawn: Callable[..., Any], nats: NatsServer
+) -> None:
+    """The broker drops a re-published event (same source, id and topic) within its
+    duplicate window; the same id on another topic, or from another source, is kept."""
+    publisher = _publisher(spawn, nats)
+
+    def publish(topic: str, source: str) -> dict[str, Any]:
+        event = {"specversion": "1.0", "id": "o-1", "source": source, "type": "t"}
+        status, body = _publish(publisher, topic, event,
+                                **{"Content-Type": "application/cloudevents+json"})  # fmt: skip
+        assert status == 200, body
+        return dict(body)
+
+    assert publish("orders", "/shop")["duplicate"] is False
+    assert publish("orders", "/shop")["duplicate"] is True  # a retry: dropped
+    assert publish("payments", "/shop")["duplicate"] is False  # another topic
+    assert publish("orders", "/billing")["duplicate"] is False  # another source

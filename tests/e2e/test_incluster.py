@@ -781,6 +781,17 @@ print("published", n)
 """
 
 
+def projector_state(k8s: E2ECluster, namespace: str, name: str) -> str:
+    """For a failure's message: the projection's status and its sidecars' last log lines."""
+    out = [json.dumps(k8s.get("proj", name, "-n", namespace).get("status") or {}, indent=1)]
+    for pod in k8s.get("pods", "-n", namespace, "-l", f"accord.dev/projection={name}")["items"]:
+        for container in ("accord-sidecar", "projector"):
+            logs = k8s.kubectl("logs", "-n", namespace, pod["metadata"]["name"], "-c", container,
+                               check=False)  # fmt: skip
+            out.append(f"--- {pod['metadata']['name']} {container}:\n" + logs[-3000:])
+    return "\n".join(out)
+
+
 def sigkill_process(cmd: str, env: str) -> int:
     """SIGKILL, from this host, the process of a pod's container: its command line has
     `cmd`, its environment `env` (the kubelet restarts the container; nothing in it gets
@@ -838,9 +849,12 @@ def test_ten_thousand_events_survive_the_sidecar_and_the_projector_sigkilled(
                       timeout=120, every=0.2)  # fmt: skip
     sigkill_process("projector.py", "ACCORD_PROJECTION_NAME=tenk")
     assert "published 10000" in published(accord, BULK, "bulk-api")
-    accord.wait_until("all 10,000 projected",
-                      lambda: (s := status()).get("phase") == "Live"
-                      and s.get("eventsProcessed") == 10_000, timeout=240)  # fmt: skip
+    try:
+        accord.wait_until("all 10,000 projected",
+                          lambda: (s := status()).get("phase") == "Live"
+                          and s.get("eventsProcessed") == 10_000, timeout=240)  # fmt: skip
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{projector_state(accord, BULK, 'tenk')}") from None
     (projector,) = accord.get("pods", "-n", BULK, "-l", "accord.dev/projection=tenk")["items"]
     restarts = {
         c["name"]: c["restartCount"]
@@ -922,9 +936,12 @@ def test_partitions_keep_order_per_key_while_projector_pods_scale_and_one_is_los
     time.sleep(5)
     scale(2)
     assert "published 600" in published(accord, SCALE, traffic)
-    accord.wait_until("all 600 projected",
-                      lambda: (s := status()).get("phase") == "Live"
-                      and s.get("eventsProcessed") == 600, timeout=180)  # fmt: skip
+    try:
+        accord.wait_until("all 600 projected",
+                          lambda: (s := status()).get("phase") == "Live"
+                          and s.get("eventsProcessed") == 600, timeout=180)  # fmt: skip
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{projector_state(accord, SCALE, 'scaled')}") from None
     calls = json.loads(run_pod(accord, SCALE, "read-log", (
         "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen("
         f"'http://applied-log.{SCALE}.svc/_calls').read().decode())"

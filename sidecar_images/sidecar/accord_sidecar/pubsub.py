@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -86,14 +87,16 @@ class Publisher:
         headers = [_headers(e) for e in events]
         for i, data in enumerate(encoded):
             try:
-                self.broker.check_size(data, {**headers[i], "Nats-Msg-Id": events[i]["id"]})
+                self.broker.check_size(
+                    data, {**headers[i], "Nats-Msg-Id": dedup_id(topic, events[i])}
+                )
             except TooLarge as exc:
                 metrics.PUBLISHED.labels(label, "too_large").inc()
                 where = f"event [{i}]: " if content_type == BATCH else ""
                 return error(413, "event_too_large", where + str(exc))
         results = await asyncio.gather(
             *(
-                self.broker.publish(topic, data, e["id"], h)
+                self.broker.publish(topic, data, dedup_id(topic, e), h)
                 for e, data, h in zip(events, encoded, headers, strict=True)
             ),
             return_exceptions=True,
@@ -122,6 +125,14 @@ class Publisher:
             metrics.PUBLISHED.labels(label, "duplicate" if ack.duplicate else "ok").inc()
             out.append({"id": e["id"], "sequence": ack.seq, "duplicate": bool(ack.duplicate)})
         return web.json_response(out[0] if content_type != BATCH else {"results": out})
+
+
+def dedup_id(topic: str, event: dict[str, Any]) -> str:
+    """What the broker deduplicates a publish by (Nats-Msg-Id): the event's identity, which
+    CloudEvents makes source + id, on its topic. The duplicate window is the whole stream's:
+    the same id from another source, or on another topic, is another event, never dropped."""
+    identity = f"{topic}\n{event.get('source', '')}\n{event['id']}"
+    return hashlib.sha256(identity.encode()).hexdigest()[:32]
 
 
 def _headers(event: dict[str, Any]) -> dict[str, str]:
@@ -884,7 +895,8 @@ class Subscriber:
         if dead.get("topic", self.topic) == self.topic:  # ours; a user's own is kept
             dead["topic"] = f"{self.topic}.dlq"
         # Per consumer: two subscriptions dead-lettering one event are two records.
-        dlq_id = f"dlq-{self.ownership.key}-{event.get('id') or msg.metadata.sequence.stream}"
+        which = dedup_id(self.topic, event) if event.get("id") else msg.metadata.sequence.stream
+        dlq_id = f"dlq-{self.ownership.key}-{which}"
         data = json.dumps(dead).encode()
         try:
             self.broker.check_size(data, {**HEADERS, "Nats-Msg-Id": dlq_id})
