@@ -1,8 +1,8 @@
 """NATS JetStream: one stream for every Accord topic, durable pull consumers per subscription.
 
 Topic `orders.events` is subject `accord.orders.events` in stream ACCORD; `<topic>.dlq` is
-the dead-letter topic. Publishes carry Nats-Msg-Id = the CloudEvent id, so JetStream's
-duplicate window drops a re-published event.
+the dead-letter topic. Publishes carry Nats-Msg-Id = a hash of the event's topic, source
+and id, so JetStream's duplicate window drops a re-published event (and only that).
 
 The broker may be away when the sidecar starts, may go away later, and may come back empty
 (its store lost, the stream or a consumer deleted). None of that stops the sidecar: it
