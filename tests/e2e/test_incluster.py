@@ -877,6 +877,59 @@ def test_ten_thousand_events_survive_the_sidecar_and_the_projector_sigkilled(
     )
 
 
+POISON = "poison"
+
+
+def test_a_poison_event_parks_only_its_key_until_annotated_retry(accord: E2ECluster) -> None:
+    """The projector refuses o-3 (customer c3): after maxDeliveries it is dead-lettered and
+    c3 parked, so o-8 and o-13 (c3 too) wait while the other customers go on; the status
+    counts them. Fixed, `accord.dev/parked=retry` delivers them, in order."""
+    accord.kubectl("create", "namespace", POISON)
+    proj = yaml.safe_load((EXAMPLES / "projection-orders.yaml").read_text())
+    proj["metadata"] = {"name": "picky", "namespace": POISON}
+    proj["spec"]["source"].update(topic="poison.events", maxDeliveries=2)
+    proj["spec"]["projector"].update(image=accord.images["samples"], imagePullPolicy="Never")
+    accord.kubectl("create", "-f", "-", input=json.dumps(proj))
+
+    def status() -> dict[str, Any]:
+        return accord.get("proj", "picky", "-n", POISON).get("status") or {}
+
+    accord.wait_until("the projector ready", lambda: status().get("readyReplicas") == 1,
+                      timeout=120)  # fmt: skip
+    (pod,) = accord.get("pods", "-n", POISON, "-l", "accord.dev/projection=picky")["items"]
+
+    def projector(code: str) -> str:
+        return accord.kubectl("exec", "-n", POISON, pod["metadata"]["name"], "-c", "projector",
+                              "--", "python", "-c", code)  # fmt: skip
+
+    behave = (
+        "import sys, urllib.request as u; u.urlopen(u.Request("
+        "'http://127.0.0.1:8080/_behave', data=sys.argv[1].encode(), method='POST'))"
+    )
+    projector(behave.replace("sys.argv[1]", repr(json.dumps({"failIds": ["o-3"]}))))
+    assert "published 15" in publish(accord, POISON, 15, TOPIC="poison.events", KEYED="1")
+    parked = accord.wait_until("c3 parked",
+                               lambda: (s := status()).get("parkedKeys") == 1
+                               and s.get("parkedEvents") == 3 and s, timeout=120)  # fmt: skip
+    assert parked["deadLettered"] == 1 and "parked" in parked["message"]
+    read = (
+        "import sys, urllib.request; "
+        "sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:8080/orders').read().decode())"
+    )
+    model = json.loads(projector(read).strip().splitlines()[-1])
+    assert model["events"] == 12 and "c3" not in model["customers"]  # the others went on
+
+    projector(behave.replace("sys.argv[1]", repr("{}")))  # fixed
+    accord.kubectl("annotate", "proj", "picky", "-n", POISON, "accord.dev/parked=retry")
+    accord.wait_until("unparked", lambda: status().get("parkedKeys") == 0
+                      and "accord.dev/parked" not in (accord.get("proj", "picky", "-n", POISON)[
+                          "metadata"].get("annotations") or {}), timeout=120)  # fmt: skip
+    model = json.loads(projector(read).strip().splitlines()[-1])
+    assert model["events"] == 15 and model["customers"]["c3"]["orders"] == 3
+    logs = accord.kubectl("logs", "-n", POISON, pod["metadata"]["name"], "-c", "accord-sidecar")
+    assert "parked with its key 'c3'" in logs and "delivered and unparked" in logs
+
+
 SCALE = "scale"
 
 
