@@ -12,12 +12,13 @@ if [[ $# -gt 0 ]]; then
 else
   # The whole suite: the in-cluster scenarios (tests/e2e, in file order: they build on one
   # cluster) in a second pytest process beside the rest, which starts its own control
-  # plane. Most of their time is spent waiting on pods; side by side the suite takes about
-  # 12 minutes here instead of 20. Their report follows the rest's.
+  # plane. Most of their time is spent waiting on pods. Their report follows the rest's.
   e2e_log="$(mktemp)"
   .venv/bin/pytest tests/e2e >"$e2e_log" 2>&1 &
   e2e=$!
-  .venv/bin/pytest --ignore-glob='tests/e2e/*'
+  # The rest on two workers, a file per worker at a time (each worker starts its own
+  # control plane): most of their time is spent waiting on processes, not computing.
+  .venv/bin/pytest --ignore-glob='tests/e2e/*' -n 2 --dist loadfile
   rest=$?
   wait "$e2e"
   codes=("$rest" $?)
