@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -713,19 +714,37 @@ def test_a_projection_runs_as_pods_and_its_status_tells_the_truth(accord: E2EClu
     } <= reasons
 
 
+def example_projection(
+    k8s: E2ECluster,
+    namespace: str,
+    name: str,
+    source: dict[str, Any] | None = None,
+    projector: dict[str, Any] | None = None,
+    **spec: Any,
+) -> Callable[[], dict[str, Any]]:
+    """examples/projection-orders.yaml as `name` in `namespace`, on our samples image, with
+    these changes; a reader of its status."""
+    proj = yaml.safe_load((EXAMPLES / "projection-orders.yaml").read_text())
+    proj["metadata"] = {"name": name, "namespace": namespace}
+    proj["spec"]["source"].update(source or {})
+    proj["spec"]["projector"].update(image=k8s.images["samples"], imagePullPolicy="Never",
+                                     **(projector or {}))  # fmt: skip
+    proj["spec"].update(spec)
+    k8s.kubectl("create", "-f", "-", input=json.dumps(proj))
+
+    def status() -> dict[str, Any]:
+        found: dict[str, Any] = k8s.get("proj", name, "-n", namespace).get("status") or {}
+        return found
+
+    return status
+
+
 def test_a_partitioned_projection_shares_its_partitions_out_among_its_pods(
     accord: E2ECluster,
 ) -> None:
     """partitions 2, replicas 2: two projector pods, each sidecar delivering one partition
     (claims on the broker), together every event once; the status covers both."""
-    proj = yaml.safe_load((EXAMPLES / "projection-orders.yaml").read_text())
-    proj["metadata"] = {"name": "split", "namespace": READS}
-    proj["spec"]["projector"].update(image=accord.images["samples"], imagePullPolicy="Never")
-    proj["spec"].update(partitions=2, replicas=2)
-    accord.kubectl("create", "-f", "-", input=json.dumps(proj))
-
-    def status() -> dict[str, Any]:
-        return accord.get("proj", "split", "-n", READS).get("status") or {}
+    status = example_projection(accord, READS, "split", partitions=2, replicas=2)
 
     live = accord.wait_until(
         "the partitioned projection Live",
@@ -822,14 +841,7 @@ def test_ten_thousand_events_survive_the_sidecar_and_the_projector_sigkilled(
     the projector's read model is on its emptyDir): the read model ends exact, each event
     counted once."""
     accord.kubectl("create", "namespace", BULK)
-    proj = yaml.safe_load((EXAMPLES / "projection-orders.yaml").read_text())
-    proj["metadata"] = {"name": "tenk", "namespace": BULK}
-    proj["spec"]["source"]["topic"] = "bulk.events"
-    proj["spec"]["projector"].update(image=accord.images["samples"], imagePullPolicy="Never")
-    accord.kubectl("create", "-f", "-", input=json.dumps(proj))
-
-    def status() -> dict[str, Any]:
-        return accord.get("proj", "tenk", "-n", BULK).get("status") or {}
+    status = example_projection(accord, BULK, "tenk", source={"topic": "bulk.events"})
 
     accord.wait_until("the projector ready", lambda: status().get("readyReplicas") == 1,
                       timeout=120)  # fmt: skip
@@ -885,14 +897,8 @@ def test_a_poison_event_parks_only_its_key_until_annotated_retry(accord: E2EClus
     c3 parked, so o-8 and o-13 (c3 too) wait while the other customers go on; the status
     counts them. Fixed, `accord.dev/parked=retry` delivers them, in order."""
     accord.kubectl("create", "namespace", POISON)
-    proj = yaml.safe_load((EXAMPLES / "projection-orders.yaml").read_text())
-    proj["metadata"] = {"name": "picky", "namespace": POISON}
-    proj["spec"]["source"].update(topic="poison.events", maxDeliveries=2)
-    proj["spec"]["projector"].update(image=accord.images["samples"], imagePullPolicy="Never")
-    accord.kubectl("create", "-f", "-", input=json.dumps(proj))
-
-    def status() -> dict[str, Any]:
-        return accord.get("proj", "picky", "-n", POISON).get("status") or {}
+    status = example_projection(accord, POISON, "picky",
+                                source={"topic": "poison.events", "maxDeliveries": 2})  # fmt: skip
 
     accord.wait_until("the projector ready", lambda: status().get("readyReplicas") == 1,
                       timeout=120)  # fmt: skip
@@ -953,19 +959,12 @@ def test_partitions_keep_order_per_key_while_projector_pods_scale_and_one_is_los
          "spec": {"selector": log, "ports": [{"port": 80, "targetPort": 8080}]}},
         namespace=SCALE,
     )  # fmt: skip
-    proj = yaml.safe_load((EXAMPLES / "projection-orders.yaml").read_text())
-    proj["metadata"] = {"name": "scaled", "namespace": SCALE}
-    proj["spec"]["source"]["topic"] = "scale.events"
-    proj["spec"]["projector"].update(
-        image=accord.images["samples"], imagePullPolicy="Never", batchSize=10,
-        args=["projector.py", "--port", "8080", "--data", "/tmp",
-              "--forward", f"http://applied-log.{SCALE}.svc/applied"],
+    status = example_projection(
+        accord, SCALE, "scaled", source={"topic": "scale.events"}, partitions=4, replicas=1,
+        projector={"batchSize": 10, "args": [
+            "projector.py", "--port", "8080", "--data", "/data",
+            "--forward", f"http://applied-log.{SCALE}.svc/applied"]},
     )  # fmt: skip
-    proj["spec"].update(partitions=4, replicas=1)
-    accord.kubectl("create", "-f", "-", input=json.dumps(proj))
-
-    def status() -> dict[str, Any]:
-        return accord.get("proj", "scaled", "-n", SCALE).get("status") or {}
 
     def scale(replicas: int) -> None:
         accord.kubectl("patch", "proj", "scaled", "-n", SCALE, "--type=merge",

@@ -367,21 +367,11 @@ class Subscriber:
                     await self._obey()
                 msgs = await self._sub.fetch(batch=prefetch, timeout=1)
                 idle = 0
-            except TimeoutError:
-                idle += 1
-                if idle % 5 == 0:
-                    await self._check_consumer()
-                continue
-            except ConsumerClash as exc:
-                self._trouble(str(exc), logging.ERROR)
-                await self._pause(10)
-                continue
-            except Exception as exc:  # broker away: keep trying, never die
-                if self.stopping.is_set():
+            except Exception as exc:
+                idle += isinstance(exc, TimeoutError)
+                exists = exists and isinstance(exc, (TimeoutError, ConsumerClash))
+                if not await self._recover(exc, idle):
                     break
-                self._trouble(f"{exc or type(exc).__name__}", logging.WARNING)
-                self._sub, exists = None, False
-                await self._pause(0.5)
                 continue
             if msgs:
                 metrics.CONSUMER_LAG.labels(self.label).set(msgs[-1].metadata.num_pending)
@@ -675,23 +665,10 @@ class Subscriber:
                     continue
                 msgs = await self._sub.fetch(batch=free * bulk, timeout=1)
                 idle = 0
-            except TimeoutError:
-                # Nothing to fetch. A deleted consumer looks just like that: ask the broker
-                # now and then (this also keeps the lag gauge fresh without /metrics waiting).
-                idle += 1
-                if idle % 5 == 0:
-                    await self._check_consumer()
-                continue
-            except ConsumerClash as exc:
-                self._trouble(str(exc), logging.ERROR)
-                await self._pause(10)
-                continue
-            except Exception as exc:  # broker away: keep trying, never die
-                if self.stopping.is_set():
+            except Exception as exc:
+                idle += isinstance(exc, TimeoutError)
+                if not await self._recover(exc, idle):
                     break
-                self._trouble(f"{exc or type(exc).__name__}", logging.WARNING)
-                self._sub = None
-                await self._pause(0.5)
                 continue
             if msgs:
                 metrics.CONSUMER_LAG.labels(self.label).set(msgs[-1].metadata.num_pending)
@@ -701,6 +678,26 @@ class Subscriber:
                 task.add_done_callback(self.in_flight.discard)
             if self.config.concurrency == 1 and self.in_flight:
                 await asyncio.wait(self.in_flight)
+
+    async def _recover(self, exc: Exception, idle: int) -> bool:
+        """After a fetch that raised; False when the sidecar is stopping. Nothing to fetch:
+        a deleted consumer looks just like that, so ask the broker now and then (this also
+        keeps the lag gauge fresh without /metrics waiting). A clash: wait, said. Anything
+        else is the broker away: bind again after a pause, never die."""
+        if isinstance(exc, TimeoutError):
+            if idle % 5 == 0:
+                await self._check_consumer()
+            return True
+        if isinstance(exc, ConsumerClash):
+            self._trouble(str(exc), logging.ERROR)
+            await self._pause(10)
+            return True
+        if self.stopping.is_set():
+            return False
+        self._trouble(f"{exc or type(exc).__name__}", logging.WARNING)
+        self._sub = None
+        await self._pause(0.5)
+        return True
 
     async def _check_consumer(self) -> None:
         if not self.broker.connected:
