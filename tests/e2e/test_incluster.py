@@ -784,6 +784,7 @@ PUBLISH_BATCHES = """
 import json, os, urllib.request, urllib.error, time
 n, size = int(os.environ["N"]), 500
 for start in range(0, n, size):
+    time.sleep(float(os.environ.get("PAUSE", "0")))
     events = [{"specversion": "1.0", "id": f"o-{i}", "source": "/orders", "type": "placed",
                "data": {"customer": f"c{i % 5}", "amountCents": 100 + i}}
               for i in range(start, min(n, start + size))]
@@ -850,7 +851,8 @@ def test_ten_thousand_events_survive_the_sidecar_and_the_projector_sigkilled(
         "metadata": {"name": "bulk-api", "annotations": {"accord.dev/inject": "true"}},
         "spec": {"restartPolicy": "Never", "containers": [{
             "name": "publish", "image": accord.images["samples"], "imagePullPolicy": "Never",
-            "args": ["-c", PUBLISH_BATCHES], "env": [{"name": "N", "value": "10000"}],
+            "args": ["-c", PUBLISH_BATCHES], "env": [{"name": "N", "value": "10000"},
+                                                     {"name": "PAUSE", "value": "0.5"}],
             "securityContext": RESTRICTED}]},
     }  # fmt: skip
     accord.apply(pod, namespace=BULK)
@@ -867,21 +869,31 @@ def test_ten_thousand_events_survive_the_sidecar_and_the_projector_sigkilled(
                           and s.get("eventsProcessed") == 10_000, timeout=240)  # fmt: skip
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{projector_state(accord, BULK, 'tenk')}") from None
-    (projector,) = accord.get("pods", "-n", BULK, "-l", "accord.dev/projection=tenk")["items"]
-    restarts = {
-        c["name"]: c["restartCount"]
-        for c in (
-            projector["status"]["containerStatuses"] + projector["status"]["initContainerStatuses"]
-        )
-    }
-    assert restarts["accord-sidecar"] >= 1 and restarts["projector"] >= 1, restarts
+
+    def restarted() -> dict[str, Any] | None:
+        (pod,) = accord.get("pods", "-n", BULK, "-l", "accord.dev/projection=tenk")["items"]
+        counts = {
+            c["name"]: c["restartCount"]
+            for c in (pod["status"]["containerStatuses"] + pod["status"]["initContainerStatuses"])
+        }
+        return pod if counts["accord-sidecar"] >= 1 and counts["projector"] >= 1 else None
+
+    projector = accord.wait_until("both containers restarted once", restarted)
     code = (
         "import urllib.request, sys; "
         "sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:8080/orders').read().decode())"
     )
-    out = accord.kubectl("exec", "-n", BULK, projector["metadata"]["name"], "-c", "projector",
-                         "--", "python", "-c", code)  # fmt: skip
-    model = json.loads(out.strip().splitlines()[-1])
+
+    def model_now() -> dict[str, Any] | None:  # the restarted projector may still be starting
+        try:
+            out = accord.kubectl("exec", "-n", BULK, projector["metadata"]["name"],
+                                 "-c", "projector", "--", "python", "-c", code)  # fmt: skip
+        except Exception:
+            return None
+        found: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+        return found
+
+    model = accord.wait_until("the projector answers", model_now)
     assert model["events"] == 10_000
     assert sum(c["orders"] for c in model["customers"].values()) == 10_000
     assert sum(c["amountCents"] for c in model["customers"].values()) == sum(
