@@ -812,6 +812,20 @@ def projector_state(k8s: E2ECluster, namespace: str, name: str) -> str:
     return "\n".join(out)
 
 
+def wait_projected(k8s: E2ECluster, namespace: str, name: str, events: int, timeout: float) -> None:
+    """Until the projection is Live with `events` projected; on failure, what its status and
+    its pods' logs say."""
+
+    def done() -> bool:
+        status = k8s.get("proj", name, "-n", namespace).get("status") or {}
+        return bool(status.get("phase") == "Live" and status.get("eventsProcessed") == events)
+
+    try:
+        k8s.wait_until(f"all {events} projected", done, timeout=timeout)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{projector_state(k8s, namespace, name)}") from None
+
+
 def sigkill_process(cmd: str, env: str) -> int:
     """SIGKILL, from this host, the process of a pod's container: its command line has
     `cmd`, its environment `env` (the kubelet restarts the container; nothing in it gets
@@ -863,12 +877,7 @@ def test_ten_thousand_events_survive_the_sidecar_and_the_projector_sigkilled(
                       timeout=120, every=0.2)  # fmt: skip
     sigkill_process("projector.py", "ACCORD_PROJECTION_NAME=tenk")
     assert "published 10000" in published(accord, BULK, "bulk-api")
-    try:
-        accord.wait_until("all 10,000 projected",
-                          lambda: (s := status()).get("phase") == "Live"
-                          and s.get("eventsProcessed") == 10_000, timeout=240)  # fmt: skip
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}\n{projector_state(accord, BULK, 'tenk')}") from None
+    wait_projected(accord, BULK, "tenk", 10_000, timeout=240)
 
     def restarted() -> dict[str, Any] | None:
         (pod,) = accord.get("pods", "-n", BULK, "-l", "accord.dev/projection=tenk")["items"]
@@ -1000,12 +1009,7 @@ def test_partitions_keep_order_per_key_while_projector_pods_scale_and_one_is_los
     time.sleep(5)
     scale(2)
     assert "published 600" in published(accord, SCALE, traffic)
-    try:
-        accord.wait_until("all 600 projected",
-                          lambda: (s := status()).get("phase") == "Live"
-                          and s.get("eventsProcessed") == 600, timeout=180)  # fmt: skip
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}\n{projector_state(accord, SCALE, 'scaled')}") from None
+    wait_projected(accord, SCALE, "scaled", 600, timeout=180)
     calls = json.loads(run_pod(accord, SCALE, "read-log", (
         "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen("
         f"'http://applied-log.{SCALE}.svc/_calls').read().decode())"
