@@ -14,12 +14,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import nats
+import pytest
 from nats.js import api
 
 from accord_operator.envtest.controlplane import free_port
 from accord_sidecar.broker.nats import STREAM, durable_name, legacy_durable_name
 from tests.support.dataplane import (
     NatsServer,
+    ProjectorProcess,
     Recorder,
     Sidecar,
     request,
@@ -644,3 +646,42 @@ def test_a_poison_event_parks_only_its_key_until_retried_or_skipped(
     _js(nats.url, lambda js: ask(js, "skip", "n2"))
     wait_until(lambda: _js(nats.url, done) == "n2")
     assert ids()[-1] == a7 and ids().count(a6) == 2  # a6 not delivered again
+
+
+@pytest.mark.parametrize("poison", ["park", "dead-letter"])
+def test_in_a_batch_only_the_poison_event_is_dead_lettered_not_those_held_behind_it(
+    spawn: Callable[..., Any], nats: NatsServer, poison: str
+) -> None:
+    """Batches of 100, in order: the projector refuses o-3 and holds back (RETRY) the later
+    events of its customer, c3. Only o-3 counts attempts and reaches max deliveries: it
+    alone is dead-lettered (and counted once); o-8 and o-13 are parked behind it, or, not
+    parking, delivered after it (each with attempts of its own)."""
+    publisher: Sidecar = spawn(Sidecar, "api", ACCORD_NATS_URL=nats.url)
+    for i in range(15):  # all stored first: they reach the projector in one batch
+        event, key = {"customer": f"c{i % 5}", "amountCents": 1}, f"c{i % 5}"
+        headers = {"Accord-Partition-Key": key, "Accord-Idempotency-Key": f"o-{i}"}  # its id
+        assert _publish(publisher, "orders", event, **headers)[0] == 200
+    port = free_port()
+    app: ProjectorProcess = spawn(ProjectorProcess, port, 0, "orders")
+    request("POST", f"{app.url}/_behave", {"failIds": ["o-3"]})
+    spawn(Sidecar, "projector-sidecar", ACCORD_NATS_URL=nats.url, ACCORD_SUBSCRIBE="orders",
+          ACCORD_APP_PORT=str(port), ACCORD_BULK_MAX="100", ACCORD_MAX_DELIVERIES="2",
+          ACCORD_REDELIVERY_INITIAL_MS="20", ACCORD_REDELIVERY_MAX_MS="100",
+          **({"ACCORD_POISON": "park"} if poison == "park" else {}))  # fmt: skip
+
+    def model() -> dict[str, Any]:
+        found: dict[str, Any] = request("GET", f"{app.url}/orders")[1]
+        return found
+
+    want = 12 if poison == "park" else 14
+    wait_until(lambda: model()["events"] == want)
+    time.sleep(1)  # time enough for a wrong second dead letter, or a late delivery
+    assert [e["id"] for e in _dead_letters(nats.url, "orders")] == ["o-3"]
+    assert model()["events"] == want
+    assert model()["customers"].get("c3", {}).get("orders", 0) == (0 if poison == "park" else 2)
+
+    async def counted(js: Any) -> int:
+        kv = await js.key_value("ACCORD_COUNTS")
+        return int((await kv.get(f"dead.{durable_name('projector-sidecar', 'orders')}")).value)
+
+    assert _js(nats.url, counted) == 1

@@ -5,26 +5,12 @@ GET /orders?minSequence=S: a query that waits for the caller's own write."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
 from accord_operator.envtest.controlplane import free_port
-from tests.support.cluster import REPO
-from tests.support.dataplane import NatsServer, Process, Sidecar, _wait_port, request
+from tests.support.dataplane import NatsServer, ProjectorProcess, Sidecar, request
 
-PROJECTOR = REPO / "examples" / "services" / "projector.py"
 TOPIC = "orders.events"
-
-
-class ProjectorProcess(Process):
-    def __init__(self, tmp: Path, port: int, sidecar_port: int) -> None:
-        super().__init__(
-            [sys.executable, str(PROJECTOR), "--port", str(port), "--host", "127.0.0.1",
-             "--data", str(tmp)],
-            tmp / "projector.log",
-            env={"ACCORD_PROJECTION_TOPIC": TOPIC, "ACCORD_SIDECAR_HTTP_PORT": str(sidecar_port)},
-        )  # fmt: skip
 
 
 def projector_with_sidecar(spawn: Any, nats: NatsServer, tmp: Any) -> tuple[str, Sidecar]:
@@ -35,9 +21,8 @@ def projector_with_sidecar(spawn: Any, nats: NatsServer, tmp: Any) -> tuple[str,
         Sidecar, "orders-g0", ACCORD_NATS_URL=nats.url, ACCORD_SUBSCRIBE=TOPIC,
         ACCORD_APP_PORT=str(port), ACCORD_CONCURRENCY="1",
     )  # fmt: skip
-    app = spawn(ProjectorProcess, port, sidecar.http_port)
-    _wait_port(port, app.proc, app.log)
-    return f"http://127.0.0.1:{port}", sidecar
+    app: ProjectorProcess = spawn(ProjectorProcess, port, sidecar.http_port, TOPIC)
+    return app.url, sidecar
 
 
 def test_a_query_waits_for_the_callers_own_write(

@@ -137,10 +137,25 @@ class E2ECluster:
 
     def diagnose(self) -> str:
         """What a human would look at first when a scenario fails."""
-        parts = [
-            self.kubectl("get", "pods", "-A", "-o", "wide", check=False),
-            self.kubectl("get", "events", "-A", "--sort-by=.lastTimestamp", check=False)[-6000:],
-        ]
+        parts = [self.kubectl("get", "pods", "-A", "-o", "wide", check=False)]
+        # The sidecars of the newest pods: most likely the failing scenario's.
+        try:
+            pods = json.loads(self.kubectl("get", "pods", "-A", "-o", "json", check=False))
+        except ValueError:
+            pods = {}
+        ours = [
+            p for p in pods.get("items", [])
+            if any(c["name"] == "accord-sidecar" for c in p["spec"].get("containers", []))
+        ]  # fmt: skip
+        ours.sort(key=lambda p: p["metadata"]["creationTimestamp"])
+        for pod in ours[-3:]:
+            meta = pod["metadata"]
+            parts.append(f"--- accord-sidecar of {meta['namespace']}/{meta['name']}")
+            logs = ("logs", "-n", meta["namespace"], meta["name"], "-c", "accord-sidecar")
+            parts.append(self.kubectl(*logs, "--tail=30", check=False))
+        parts.append(
+            self.kubectl("get", "events", "-A", "--sort-by=.lastTimestamp", check=False)[-6000:]
+        )
         for component in ("controller", "webhook"):
             parts.append(f"--- accord {component} logs")
             parts.append(

@@ -181,6 +181,30 @@ class Sidecar(Process):
         return 0.0
 
 
+PROJECTOR = REPO / "examples" / "services" / "projector.py"
+
+
+class ProjectorProcess(Process):
+    """The sample projector (examples/services/projector.py) on `port`, its read model
+    under the test's directory; `sidecar_port`: its sidecar's, for read-your-writes."""
+
+    def __init__(self, tmp: Path, port: int, sidecar_port: int, topic: str) -> None:
+        super().__init__(
+            [sys.executable, str(PROJECTOR), "--port", str(port), "--host", "127.0.0.1",
+             "--data", str(tmp)],
+            tmp / "projector.log",
+            env={"ACCORD_PROJECTION_TOPIC": topic, "ACCORD_SIDECAR_HTTP_PORT": str(sidecar_port)},
+        )  # fmt: skip
+        self.url = f"http://127.0.0.1:{port}"
+        self.port = port
+
+    def start(self) -> ProjectorProcess:
+        super().start()
+        assert self.proc is not None
+        _wait_port(self.port, self.proc, self.log)
+        return self
+
+
 def request(
     method: str,
     url: str,

@@ -431,7 +431,11 @@ class Subscriber:
         not take are posted again (still in order) after a backoff, holding back every later
         event, and reported failing on the broker meanwhile (the projection's status shows
         it). False when it stopped first (stopping, or no longer the owner)."""
-        attempts = {_seq(m): m.metadata.num_delivered for m in chunk}
+        # Attempts at the app, as the dead-letter rule counts them: only the first pending
+        # event's (below). The broker's deliveries count for the first event only: those
+        # after it may have been fetched again (a restart rewinds) without being tried.
+        attempts = {_seq(m): 1 for m in chunk}
+        attempts[_seq(chunk[0])] = chunk[0].metadata.num_delivered
         for msg in chunk:
             if msg.metadata.num_delivered > 1:
                 metrics.REDELIVERIES.labels(self.label).inc()
@@ -476,8 +480,11 @@ class Subscriber:
             reported = True
             if not await self._wait_failing(report, self._backoff(attempts[head])):
                 return False
-            for msg in pending:
-                attempts[_seq(msg)] += 1
+            # The attempt counts for the first event only, as if one event at a time were
+            # delivered: the app may have refused the later ones only to keep them behind
+            # it (in order), so they are not to reach max deliveries, and be dead-lettered,
+            # with it. Each counts its own from when it is first.
+            attempts[head] += 1
         if reported:
             await self._report(None)
         return True
@@ -904,7 +911,9 @@ class Subscriber:
             dead.pop("data_base64", None)
             dead["deadletterdataomitted"] = f"stream sequence {msg.metadata.sequence.stream}"
             data = json.dumps(dead).encode()
-        await self.broker.publish(f"{self.topic}.dlq", data, dlq_id, HEADERS)
+        ack = await self.broker.publish(f"{self.topic}.dlq", data, dlq_id, HEADERS)
+        if ack.duplicate:  # dead-lettered already (a retry after a lost answer): counted
+            return
         metrics.DEAD_LETTERED.labels(self.label).inc()
         with contextlib.suppress(Exception):  # the count in a projection's status
             await asyncio.wait_for(self.broker.count_dead_letter(self.ownership.key), 2)
