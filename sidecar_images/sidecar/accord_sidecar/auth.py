@@ -8,8 +8,7 @@ import hashlib
 import hmac
 import time
 from dataclasses import dataclass
-
-import aiohttp
+from typing import Any
 
 from accord_sidecar.config import Config
 from accord_sidecar.kube import KubeAccess
@@ -43,7 +42,7 @@ def allowed(identity: str, allow_list: tuple[str, ...]) -> bool:
 
 
 class Authenticator:
-    def __init__(self, config: Config, session: aiohttp.ClientSession | None = None) -> None:
+    def __init__(self, config: Config, session: Any = None) -> None:
         self.config = config
         self.session = session
         self._cache: dict[str, tuple[float, Verdict]] = {}
@@ -85,6 +84,8 @@ class Authenticator:
             "kind": "TokenReview",
             "spec": {"token": token, "audiences": [c.token_audience]},
         }
+        import aiohttp  # HTTPS to the API server: aiohttp's client
+
         try:
             async with self.session.post(
                 f"{c.kube_api_url}/apis/authentication.k8s.io/v1/tokenreviews",

@@ -154,6 +154,9 @@ class Config:
     stream_storage: str = "file"
     new_subscriptions_start: str = "all"
     log_level: str = "info"
+    # The invoke and inbound ports' HTTP: "fast" (our own, over httptools) or "aiohttp" (the
+    # framework's server and client, kept as the baseline the benchmarks compare with).
+    http_engine: str = "fast"
     in_cluster: bool = False  # resolve unknown services through cluster DNS
 
     @property
@@ -243,5 +246,6 @@ class Config:
             stream_storage=_broker(env, wire.SidecarEnv.STREAM_STORAGE, "file"),
             new_subscriptions_start=_broker(env, wire.SidecarEnv.NEW_SUBSCRIPTIONS_START, "all"),
             log_level=env.get("ACCORD_LOG_LEVEL", "info").lower(),
+            http_engine=_choice(env, "ACCORD_HTTP_ENGINE", ("fast", "aiohttp")),
             in_cluster=in_cluster or "ACCORD_POD_NAMESPACE" in env,
         )

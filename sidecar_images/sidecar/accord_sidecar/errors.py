@@ -4,23 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
-import aiohttp
-from aiohttp import web
+from accord_sidecar import fasthttp
+from accord_sidecar.fasthttp import Reply, json_reply
 
 log = logging.getLogger("accord.sidecar.http")
 
 
-def error(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+def error(status: int, code: str, message: str) -> Reply:
+    return json_reply({"error": {"code": code, "message": message}}, status)
 
 
-async def read_body(
-    request: web.Request, limit: int, timeout_s: float = 60
-) -> bytes | web.Response:
+async def read_body(request: Any, limit: int, timeout_s: float = 60) -> bytes | Reply:
     """The request body; or a 413 when it is over the limit, a 408 when it does not arrive
     within timeout_s (a client trickling its body cannot hold the connection), a 400 when
     the client gave up half-way. Never an error with a traceback in the log."""
+    if isinstance(request, fasthttp.Request):
+        try:
+            return await request.read(limit, timeout_s)
+        except fasthttp.BodyError as exc:
+            return _closing(error(exc.status, exc.code, exc.message))
+    import aiohttp  # an aiohttp request (ACCORD_HTTP_ENGINE=aiohttp): aiohttp is loaded
+
     if not request.body_exists:
         return b""
     if request.content_length is not None and request.content_length > limit:
@@ -45,23 +51,7 @@ async def read_body(
     return b"".join(chunks)
 
 
-def _closing(response: web.Response) -> web.Response:
+def _closing(reply: Reply) -> Reply:
     """A response after which the connection closes (its unread body is not drained)."""
-    response.force_close()
-    return response
-
-
-@web.middleware
-async def never_crash(request: web.Request, handler: web.RequestHandler) -> web.StreamResponse:
-    """Anything unexpected becomes a JSON 500 instead of a dropped connection."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        return error(exc.status, exc.reason.lower().replace(" ", "_"), exc.text or exc.reason)
-    except (ConnectionError, aiohttp.ClientPayloadError) as exc:
-        # The client went away mid-request: theirs to retry, nothing for our log's ERRORs.
-        log.info("%s %s: client went away (%s)", request.method, request.path, exc)
-        return error(400, "client_gone", str(exc) or type(exc).__name__)
-    except Exception as exc:
-        request.app.logger.exception("unhandled error on %s %s", request.method, request.path)
-        return error(500, "internal", f"{type(exc).__name__}")
+    reply.close = True
+    return reply

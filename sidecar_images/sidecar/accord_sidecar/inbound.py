@@ -10,17 +10,14 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-import aiohttp
-from aiohttp import web
-from yarl import URL
-
 import accord_wire as wire
 from accord_sidecar import fence, metrics
 from accord_sidecar.auth import Authenticator, Verdict
 from accord_sidecar.config import Config
 from accord_sidecar.dedup import DedupTable, Stored
 from accord_sidecar.errors import error, read_body
-from accord_sidecar.invoke import forward_headers
+from accord_sidecar.fasthttp import Pool, Reply, UpstreamError, json_reply
+from accord_sidecar.invoke import forward_headers, forward_list
 from accord_sidecar.journal import Journal
 
 IDEMPOTENCY_KEY = wire.IDEMPOTENCY_KEY
@@ -35,13 +32,17 @@ class Inbound:
     def __init__(
         self,
         config: Config,
-        session: aiohttp.ClientSession,
+        session: Any,
         auth: Authenticator,
         dedup: DedupTable,
         journal: Journal | None = None,
+        pool: Pool | None = None,
     ) -> None:
         self.config = config
         self.session = session
+        # Our own keep-alive client to the app (None: aiohttp's, ACCORD_HTTP_ENGINE=aiohttp).
+        self.app = pool.get(config.app_host, config.app_port) if pool and config.app_port else None
+        self._counted: dict[tuple[int, str], Any] = {}  # INBOUND_REQUESTS' children
         self.auth = auth
         self.dedup = dedup
         self.journal = journal if journal is not None else Journal(None, 7 * 86400, 100_000)
@@ -49,41 +50,31 @@ class Inbound:
         self._actions: dict[str, asyncio.Future[None]] = {}  # saga actions at the app, by pair
         self._tx_locks: dict[str, asyncio.Lock] = {}  # one 2PC message per transaction at once
 
-    async def expect(self, request: web.Request) -> web.StreamResponse | None:
-        """Expect: 100-continue: the caller is authenticated before it sends its body."""
-        verdict = await self.auth.check(request.headers.get("Authorization"))
-        if verdict.status != 200:
-            response = self._refused(verdict)
-            response.force_close()  # its body was never asked for
-            return response
-        if request.headers.get("Expect", "").lower() != "100-continue":
-            return error(417, "expectation_failed", "only Expect: 100-continue is understood")
-        if request.version == aiohttp.HttpVersion11:
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            request.writer.output_size = 0
-        return None
-
     @staticmethod
-    def _refused(verdict: Verdict) -> web.Response:
+    def refused(verdict: Verdict) -> Reply:
         code = {401: "unauthenticated", 403: "forbidden"}.get(verdict.status, "auth_unavailable")
         return error(verdict.status, code, verdict.message)
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: Any) -> Reply:
         started = time.perf_counter()
         response, outcome = await self._handle(request)
-        metrics.INBOUND_REQUESTS.labels(str(response.status), outcome).inc()
+        child = self._counted.get((response.status, outcome))
+        if child is None:
+            child = metrics.INBOUND_REQUESTS.labels(str(response.status), outcome)
+            self._counted[(response.status, outcome)] = child
+        child.inc()
         metrics.INBOUND_LATENCY.observe(time.perf_counter() - started)
         return response
 
-    async def _handle(self, request: web.Request) -> tuple[web.Response, str]:
+    async def _handle(self, request: Any) -> tuple[Reply, str]:
         # Before anything is read from the body.
         verdict = await self.auth.check(request.headers.get("Authorization"))
         if verdict.status != 200:
-            return self._refused(verdict), "refused"
+            return self.refused(verdict), "refused"
         if self.config.app_port is None:
             return error(503, "no_app", "this sidecar has no app port (ACCORD_APP_PORT)"), "error"
         body = await read_body(request, self.config.max_body_bytes, self.config.body_timeout_s)
-        if isinstance(body, web.Response):
+        if isinstance(body, Reply):
             return body, "refused"
         phase, txid = request.headers.get(wire.TPC_PHASE), request.headers.get(wire.TRANSACTION)
         if phase is not None or txid is not None:
@@ -135,8 +126,8 @@ class Inbound:
             future.set_result(result if result is not None and final(result.status) else None)
 
     async def _transaction(
-        self, request: web.Request, body: bytes, phase: str | None, txid: str | None
-    ) -> tuple[web.Response, str]:
+        self, request: Any, body: bytes, phase: str | None, txid: str | None
+    ) -> tuple[Reply, str]:
         if phase not in wire.TPC_PHASES or not txid or len(txid) > MAX_KEY_LENGTH:
             return error(
                 400,
@@ -152,7 +143,7 @@ class Inbound:
             return await self._forward(request, body)
 
         status, answer, outcome = await self.transaction_step(txid, kind, call_app, ref, prefix)
-        return web.json_response(answer, status=status), outcome
+        return json_reply(answer, status), outcome
 
     async def transaction_step(
         self,
@@ -235,7 +226,7 @@ class Inbound:
         if action is not None:
             await asyncio.shield(action)
 
-    def _fenced(self, key: str, pair: str) -> web.Response:
+    def _fenced(self, key: str, pair: str) -> Reply:
         """The saga fence, action side: an action that arrives once its compensation was
         asked never reaches the app. It would land after the undo and stay (the saga would
         say Compensated while the effect is held)."""
@@ -248,7 +239,7 @@ class Inbound:
             "refused and was not passed to the app",
         )
 
-    async def _forward(self, request: web.Request, body: bytes) -> Stored:
+    async def _forward(self, request: Any, body: bytes) -> Stored:
         headers = forward_headers(request.headers)
         headers.popall("Authorization", None)  # the caller's credential is for us, not the app
         # The raw target as the caller sent it: nothing decoded or normalised on the way.
@@ -257,6 +248,19 @@ class Inbound:
     async def _call_app(
         self, method: str, raw_path: str, headers: Mapping[str, str], body: bytes
     ) -> Stored:
+        if self.app is not None:
+            try:
+                status, answer, data = await self.app.request(
+                    method, raw_path, headers, body, self.config.timeout_ms / 1000
+                )
+            except UpstreamError as exc:
+                if exc.code == "timeout":
+                    return _error_stored(504, "timeout", "the app did not answer in time")
+                return _error_stored(502, "app_unreachable", str(exc))
+            return Stored(status, forward_list(answer), data, time.time())
+        import aiohttp  # the baseline engine: aiohttp's client
+        from yarl import URL
+
         url = URL(f"http://{self.config.app_host}:{self.config.app_port}{raw_path}", encoded=True)
         try:
             async with self.session.request(
@@ -275,13 +279,11 @@ class Inbound:
             return _error_stored(502, "app_unreachable", str(exc) or type(exc).__name__)
 
     @staticmethod
-    def _respond(stored: Stored, replayed: bool = False) -> web.Response:
-        response = web.Response(status=stored.status, body=stored.body)
-        for k, v in stored.headers:
-            response.headers.add(k, v)
+    def _respond(stored: Stored, replayed: bool = False) -> Reply:
+        headers = list(stored.headers)
         if replayed:
-            response.headers[wire.REPLAYED] = "true"
-        return response
+            headers.append((wire.REPLAYED, "true"))
+        return Reply(stored.status, headers, stored.body)
 
 
 def final(status: int) -> bool:
@@ -291,5 +293,4 @@ def final(status: int) -> bool:
 
 def _error_stored(status: int, code: str, message: str) -> Stored:
     r = error(status, code, message)
-    assert isinstance(r.body, bytes)
     return Stored(status, [("Content-Type", "application/json")], r.body, time.time())

@@ -5,19 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
-import aiohttp
-from aiohttp import web
 from multidict import CIMultiDict
-from yarl import URL
 
 import accord_wire as wire
 from accord_sidecar import metrics
 from accord_sidecar.config import SERVICE, Config
 from accord_sidecar.errors import error, read_body
+from accord_sidecar.fasthttp import Pool, Reply, Upstream, UpstreamError
 from accord_sidecar.resiliency import (
     CircuitBreaker,
     RetryBudget,
@@ -52,6 +51,22 @@ def forward_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
     return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in HOP_BY_HOP)
 
 
+def forward_list(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """forward_headers, as a list."""
+    return [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP]
+
+
+def upstream_of(pool: Pool | None, base: str) -> tuple[Upstream, str] | None:
+    """The pooled upstream for a plain-HTTP base URL, and the path prefix it carries (None:
+    another scheme, left to aiohttp's client)."""
+    if pool is None:
+        return None
+    url = urlsplit(base)
+    if url.scheme != "http" or not url.hostname:
+        return None
+    return pool.get(url.hostname, url.port or 80), url.path.rstrip("/")
+
+
 @dataclass
 class Target:
     name: str
@@ -59,23 +74,39 @@ class Target:
     budget: RetryBudget
     policy: RetryPolicy
     timeout_s: float
-    timeout: aiohttp.ClientTimeout = field(init=False)
     label: str = field(init=False)  # its metrics' label: its name if configured, else "other"
     latency: Any = field(init=False)  # the metric children, looked up once per target
+    counted: dict[int, Any] = field(init=False)  # OUTBOUND_REQUESTS' children, by status
+    breaker_gauge: Any = field(init=False)  # BREAKER_STATE's child (configured targets only)
+    base: str = ""  # where it was last resolved to, and the upstream that goes with it
+    upstream: tuple[Upstream, str] | None = None
 
     def __post_init__(self) -> None:
-        self.timeout = aiohttp.ClientTimeout(total=self.timeout_s)
         self.label = metrics.target_label(self.name)
         self.latency = metrics.OUTBOUND_LATENCY.labels(self.label)
+        self.counted = {}
+        self.breaker_gauge = (
+            metrics.BREAKER_STATE.labels(self.label) if self.label != metrics.OTHER else None
+        )
+
+    def count(self, status: int) -> None:
+        child = self.counted.get(status)
+        if child is None:
+            child = self.counted[status] = metrics.OUTBOUND_REQUESTS.labels(self.label, str(status))
+        child.inc()
 
 
 MAX_TARGETS = 1024  # breakers and budgets kept; the least recently added go first
 
 
 class Invoker:
-    def __init__(self, config: Config, session: aiohttp.ClientSession) -> None:
+    """`pool`: our own keep-alive client for plain-HTTP targets (None: aiohttp's client for
+    all, as the baseline ACCORD_HTTP_ENGINE=aiohttp does)."""
+
+    def __init__(self, config: Config, session: Any, pool: Pool | None = None) -> None:
         self.config = config
         self.session = session
+        self.pool = pool
         self.targets: dict[str, Target] = {}
 
     def resolve(self, service: str) -> str | None:
@@ -118,7 +149,7 @@ class Invoker:
             self.targets[service] = t
         return t
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: Any) -> Reply:
         # The raw target, never the decoded one: %2F, %3F and %252e reach the target as sent.
         service, _, rest = request.raw_path[len(PREFIX) :].partition("/")
         if not SERVICE.match(service) or len(service) > 253:
@@ -128,20 +159,23 @@ class Invoker:
                 f"{service!r} is not a service name (name[.namespace][:port])",
             )
         body = await read_body(request, self.config.max_body_bytes, self.config.body_timeout_s)
-        if isinstance(body, web.Response):
+        if isinstance(body, Reply):
             return body
         base = self.resolve(service)
         if base is None:
             return error(404, "unknown_service", f"{service!r} is not in ACCORD_SERVICES")
-        url = URL(f"{base}/{rest}", encoded=True)
-        headers = forward_headers(request.headers)
         target = self.target(service)
+        if target.base != base:
+            target.base, target.upstream = base, upstream_of(self.pool, base)
         started = time.perf_counter()
-        response = await self._call(service, target, request.method, url, headers, body)
+        response = await self._call(
+            service, target, request.method, f"{base}/{rest}", rest,
+            request.headers, body,
+        )  # fmt: skip
         target.latency.observe(time.perf_counter() - started)
-        metrics.OUTBOUND_REQUESTS.labels(target.label, str(response.status)).inc()
-        if target.label != metrics.OTHER:
-            metrics.BREAKER_STATE.labels(target.label).set(target.breaker.state.value)
+        target.count(response.status)
+        if target.breaker_gauge is not None:
+            target.breaker_gauge.set(target.breaker.state.value)
         return response
 
     async def _call(
@@ -149,21 +183,23 @@ class Invoker:
         service: str,
         target: Target,
         method: str,
-        url: URL,
-        headers: CIMultiDict[str],
+        url: str,
+        rest: str,
+        received: CIMultiDict[str],
         body: bytes,
-    ) -> web.Response:
+    ) -> Reply:
+        headers = forward_list(received.items())
         if not target.breaker.allow():
             metrics.BREAKER_REJECTED.labels(target.label).inc()
             return error(
                 503, "circuit_open", f"circuit breaker for {service} is open; failing fast"
             )
         target.budget.record_request()
-        retry_allowed = may_retry_request(method, headers)
+        retry_allowed = may_retry_request(method, received)
         attempt = 1
         while True:
             status, resp_headers, resp_body, failure = await self._attempt(
-                target, method, url, headers, body
+                target, method, url, rest, headers, body, retry_allowed
             )
             ok = failure is None and not retryable_status(status)
             target.breaker.record(ok)
@@ -173,7 +209,9 @@ class Invoker:
                 metrics.RETRIES_DENIED.labels(target.label).inc()
                 break
             delay = (
-                retry_after_seconds(resp_headers.get("Retry-After")) if failure is None else None
+                retry_after_seconds(_header(resp_headers, "retry-after"))
+                if failure is None
+                else None
             )
             if delay is None:
                 delay = target.policy.delay(attempt)
@@ -188,24 +226,50 @@ class Invoker:
         if failure is not None:
             code, message = failure
             return error(504 if code == "timeout" else 502, code, f"{service}: {message}")
-        out = web.Response(status=status, body=resp_body, headers=forward_headers(resp_headers))
-        out.headers[wire.ATTEMPTS] = str(attempt)
-        return out
+        out = forward_list(resp_headers)
+        out.append((wire.ATTEMPTS, str(attempt)))
+        return Reply(status, out, resp_body)
 
     async def _attempt(
-        self, target: Target, method: str, url: URL, headers: CIMultiDict[str], body: bytes
-    ) -> tuple[int, CIMultiDict[str], bytes, tuple[str, str] | None]:
+        self,
+        target: Target,
+        method: str,
+        url: str,
+        rest: str,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        replayable: bool,
+    ) -> tuple[int, list[tuple[str, str]], bytes, tuple[str, str] | None]:
+        if target.upstream is not None:
+            upstream, prefix = target.upstream
+            try:
+                status, answer, data = await upstream.request(
+                    method, f"{prefix}/{rest}", headers, body, target.timeout_s, replayable
+                )
+            except UpstreamError as exc:
+                return 0, [], b"", (exc.code, str(exc))
+            return status, answer, data, None
+        import aiohttp  # HTTPS targets, or the baseline engine: aiohttp's client
+        from yarl import URL
+
         try:
             async with self.session.request(
                 method,
-                url,
+                URL(url, encoded=True),
                 headers=headers,
                 data=body or None,
                 allow_redirects=False,
-                timeout=target.timeout,
+                timeout=aiohttp.ClientTimeout(total=target.timeout_s),
             ) as r:
-                return r.status, CIMultiDict(r.headers), await r.read(), None
+                return r.status, list(r.headers.items()), await r.read(), None
         except TimeoutError:
-            return 0, CIMultiDict(), b"", ("timeout", f"no answer within {target.timeout_s:g}s")
+            return 0, [], b"", ("timeout", f"no answer within {target.timeout_s:g}s")
         except aiohttp.ClientError as exc:
-            return 0, CIMultiDict(), b"", ("unreachable", str(exc) or type(exc).__name__)
+            return 0, [], b"", ("unreachable", str(exc) or type(exc).__name__)
+
+
+def _header(headers: list[tuple[str, str]], lower_name: str) -> str | None:
+    for name, value in headers:
+        if name.lower() == lower_name:
+            return value
+    return None

@@ -10,8 +10,6 @@ import asyncio
 import logging
 from typing import Any
 
-import aiohttp
-
 from accord_sidecar import fence
 from accord_sidecar.config import Config
 from accord_sidecar.inbound import Inbound
@@ -21,9 +19,7 @@ log = logging.getLogger("accord.sidecar.outcome")
 GROUP_VERSION = "accord.dev/v1alpha1"
 
 
-async def decision_of(
-    kube: KubeAccess, session: aiohttp.ClientSession, ref: str, txid: str
-) -> str | None:
+async def decision_of(kube: KubeAccess, session: Any, ref: str, txid: str) -> str | None:
     """The recorded decision, "Commit" or "Abort"; None when not decided, not found, or not
     readable now."""
     namespace, _, name = ref.partition("/")
@@ -31,6 +27,8 @@ async def decision_of(
         f"{kube.config.kube_api_url}/apis/{GROUP_VERSION}/namespaces/{namespace}"
         f"/twophasetransactions/{name}"
     )
+    import aiohttp  # HTTPS to the API server: aiohttp's client
+
     try:
         async with session.get(
             url, headers=kube.headers(), ssl=kube.context(), timeout=aiohttp.ClientTimeout(total=5)
@@ -49,7 +47,7 @@ async def decision_of(
     return decision if decision in ("Commit", "Abort") else None
 
 
-async def watch(config: Config, inbound: Inbound, session: aiohttp.ClientSession) -> None:
+async def watch(config: Config, inbound: Inbound, session: Any) -> None:
     kube = KubeAccess(config)
     every = config.tpc_outcome_after_s
     while True:

@@ -13,9 +13,6 @@ import random
 import socket
 from typing import Any
 
-import aiohttp
-from aiohttp import web
-
 import accord_wire as wire
 from accord_sidecar import metrics
 from accord_sidecar.broker.nats import (
@@ -28,6 +25,7 @@ from accord_sidecar.broker.nats import (
 from accord_sidecar.cloudevents import BATCH, STRUCTURED, EnvelopeError, batch, envelope
 from accord_sidecar.config import TOPIC, Config
 from accord_sidecar.errors import error, read_body
+from accord_sidecar.fasthttp import Reply, Upstream, UpstreamError, json_reply
 
 logger = logging.getLogger("accord.sidecar.pubsub")
 BATCH_LIMIT = 1000
@@ -46,8 +44,7 @@ class Publisher:
         self.config = config
         self.broker = broker
 
-    async def handle(self, request: web.Request) -> web.Response:
-        topic = request.match_info["topic"]
+    async def handle(self, request: Any, topic: str) -> Reply:
         if not TOPIC.match(topic) or len(topic) > 200 or topic.endswith(".dlq"):
             return error(
                 400,
@@ -59,7 +56,7 @@ class Publisher:
             return error(503, "no_broker", "this sidecar has no broker (ACCORD_NATS_URL)")
         label = metrics.topic_label(topic)
         body = await read_body(request, self.config.max_body_bytes, self.config.body_timeout_s)
-        if isinstance(body, web.Response):
+        if isinstance(body, Reply):
             return body
         content_type = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
         try:
@@ -124,7 +121,7 @@ class Publisher:
             assert not isinstance(ack, BaseException)
             metrics.PUBLISHED.labels(label, "duplicate" if ack.duplicate else "ok").inc()
             out.append({"id": e["id"], "sequence": ack.seq, "duplicate": bool(ack.duplicate)})
-        return web.json_response(out[0] if content_type != BATCH else {"results": out})
+        return json_reply(out[0] if content_type != BATCH else {"results": out})
 
 
 def dedup_id(topic: str, event: dict[str, Any]) -> str:
@@ -163,6 +160,10 @@ def partition_key(msg: Any) -> str:
         if isinstance(event, dict) and event.get("id"):
             return str(event["id"])
     return str(headers.get("Nats-Msg-Id") or msg.metadata.sequence.stream)
+
+
+class AppUnreachable(Exception):
+    """No answer from the app (refused, closed, or not in time)."""
 
 
 class Ownership:
@@ -246,11 +247,13 @@ class Subscriber:
         self,
         config: Config,
         broker: Broker,
-        session: aiohttp.ClientSession,
+        session: Any,
         topic: str,
         partition: wire.Partition | None = None,
+        app: Upstream | None = None,
     ) -> None:
         self.config = config
+        self.app = app  # our own keep-alive client to the app (None: aiohttp's, `session`)
         self.partition = partition  # (index, count): only the events of this partition
         self.broker = broker
         self.session = session
@@ -515,25 +518,21 @@ class Subscriber:
         info = await self._sub.consumer_info()
         if int(info.delivered.stream_seq or 0) > 0:
             return True
-        url = f"http://{self.config.app_host}:{self.config.app_port}{self.config.reset_path}"
         body = {"topic": self.topic, "partition": list(self.partition) if self.partition else None}
         attempt = 0
         while True:
             attempt += 1
             try:
-                async with self.session.post(
-                    url,
-                    json=body,
-                    timeout=aiohttp.ClientTimeout(total=self.config.timeout_ms / 1000),
-                ) as r:
-                    text = await r.text()
-                    if 200 <= r.status < 300:
-                        logger.info("subscription %s: the app reset its read model", self.topic)
-                        self.problem = None
-                        return True
-                    why = f"HTTP {r.status}: {text[:200]}"
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                why = f"unreachable: {exc or type(exc).__name__}"
+                status, answer = await self._app_post(
+                    self.config.reset_path, json.dumps(body).encode(), "application/json"
+                )
+                if 200 <= status < 300:
+                    logger.info("subscription %s: the app reset its read model", self.topic)
+                    self.problem = None
+                    return True
+                why = f"HTTP {status}: {answer[:200].decode(errors='replace')}"
+            except AppUnreachable as exc:
+                why = f"unreachable: {exc}"
             self._trouble(f"the app's {self.config.reset_path} answered {why}", logging.WARNING)
             await self._pause(self._backoff(min(attempt, 10)))
             if self.stopping.is_set() or not self.ownership.held:
@@ -812,20 +811,15 @@ class Subscriber:
                 event = {"data_base64": base64.b64encode(m.data).decode()}
             events.append(event)
             ids.append(str(event.get("id", "")) if isinstance(event, dict) else "")
-        url = f"http://{self.config.app_host}:{self.config.app_port}/events/{self.topic}"
         try:
-            async with self.session.post(
-                url,
-                data=json.dumps(events),
-                headers={"Content-Type": BATCH},
-                timeout=aiohttp.ClientTimeout(total=self.config.timeout_ms / 1000),
-            ) as r:
-                body = await r.read()
-                if not 200 <= r.status < 300:
-                    why = f"app answered HTTP {r.status}: {body[:200].decode(errors='replace')}"
-                    return [("retry", why)] * len(msgs)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            return [("retry", f"app unreachable: {exc or type(exc).__name__}")] * len(msgs)
+            status, body = await self._app_post(
+                f"/events/{self.topic}", json.dumps(events).encode(), BATCH
+            )
+        except AppUnreachable as exc:
+            return [("retry", f"app unreachable: {exc}")] * len(msgs)
+        if not 200 <= status < 300:
+            why = f"app answered HTTP {status}: {body[:200].decode(errors='replace')}"
+            return [("retry", why)] * len(msgs)
         try:
             answer = json.loads(body) if body else {}
         except (ValueError, UnicodeDecodeError, RecursionError):
@@ -853,22 +847,12 @@ class Subscriber:
         return out
 
     async def _post(self, data: bytes) -> tuple[str, str]:
-        url = f"http://{self.config.app_host}:{self.config.app_port}/events/{self.topic}"
         try:
-            async with self.session.post(
-                url,
-                data=data,
-                headers={"Content-Type": STRUCTURED},
-                timeout=aiohttp.ClientTimeout(total=self.config.timeout_ms / 1000),
-            ) as r:
-                body = await r.read()
-                if not 200 <= r.status < 300:
-                    return (
-                        "retry",
-                        f"app answered HTTP {r.status}: {body[:200].decode(errors='replace')}",
-                    )
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            return "retry", f"app unreachable: {exc or type(exc).__name__}"
+            code, body = await self._app_post(f"/events/{self.topic}", data, STRUCTURED)
+        except AppUnreachable as exc:
+            return "retry", f"app unreachable: {exc}"
+        if not 200 <= code < 300:
+            return "retry", f"app answered HTTP {code}: {body[:200].decode(errors='replace')}"
         status = ""
         if body:
             try:
@@ -881,6 +865,31 @@ class Subscriber:
         if status == "DROP":
             return "drop", "app dropped it"
         return "success", ""
+
+    async def _app_post(self, path: str, data: bytes, content_type: str) -> tuple[int, bytes]:
+        """POST to the app: (status, body). AppUnreachable when no answer came in time."""
+        timeout_s = self.config.timeout_ms / 1000
+        if self.app is not None:
+            try:
+                status, _, body = await self.app.request(
+                    "POST", path, [("Content-Type", content_type)], data, timeout_s
+                )
+            except UpstreamError as exc:
+                raise AppUnreachable(str(exc)) from None
+            return status, body
+        import aiohttp  # the baseline engine: aiohttp's client
+
+        url = f"http://{self.config.app_host}:{self.config.app_port}{path}"
+        try:
+            async with self.session.post(
+                url,
+                data=data,
+                headers={"Content-Type": content_type},
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
+            ) as r:
+                return r.status, await r.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise AppUnreachable(str(exc) or type(exc).__name__) from None
 
     async def _dead_letter(self, msg: Any, reason: str, delivered: int) -> None:
         try:
@@ -937,16 +946,17 @@ class PartitionGroup:
         self,
         config: Config,
         broker: Broker,
-        session: aiohttp.ClientSession,
+        session: Any,
         topic: str,
         count: int,
+        app: Upstream | None = None,
     ) -> None:
         self.broker = broker
         self.topic = topic
         self.group = wire.consumer_name(config.app_id, topic)
         self.holder = holder_name(config).replace("/", "_")
         self.subscribers = [
-            Subscriber(config, broker, session, topic, (i, count)) for i in range(count)
+            Subscriber(config, broker, session, topic, (i, count), app) for i in range(count)
         ]
         for sub in self.subscribers:
             sub.ownership.wanted = False  # until the replicas are known

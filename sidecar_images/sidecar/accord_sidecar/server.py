@@ -4,43 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
-import aiohttp
-from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from accord_sidecar import metrics, outcome
+from accord_sidecar import fasthttp, metrics, outcome
 from accord_sidecar.auth import Authenticator
 from accord_sidecar.broker.nats import Broker, StreamSettings
 from accord_sidecar.config import Config
 from accord_sidecar.dedup import DedupTable
-from accord_sidecar.errors import error, never_crash
+from accord_sidecar.errors import error
+from accord_sidecar.fasthttp import Reply, json_reply
 from accord_sidecar.inbound import Inbound
 from accord_sidecar.invoke import Invoker
 from accord_sidecar.journal import Journal
 from accord_sidecar.pubsub import PartitionGroup, Publisher, Subscriber
+from accord_sidecar.session import LazySession
 
 logger = logging.getLogger("accord.sidecar")
-
-
-class _BrokenRequests(logging.Filter):
-    """aiohttp logs a request that is not HTTP (or a client that vanished) as an ERROR with
-    a traceback. It is the client's fault and already answered 400: one INFO line."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError | ConnectionError):
-            record.levelno, record.levelname = logging.INFO, "INFO"
-            record.msg, record.args = "refused a malformed request: %s", (str(exc).strip(),)
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-logging.getLogger("aiohttp.server").addFilter(_BrokenRequests())
+Route = Callable[[Any], Awaitable[Reply]]
 
 
 class Sidecar:
@@ -61,33 +48,52 @@ class Sidecar:
             else None
         )
         self.stop_requested = asyncio.Event()
-        self.runners: list[web.AppRunner] = []
+        self.runners: list[Any] = []  # aiohttp's (ACCORD_HTTP_ENGINE=aiohttp)
+        self.servers: list[fasthttp.Server] = []
+        self.pool: fasthttp.Pool | None = None
         self.subscribers: list[Subscriber] = []
         self.groups: dict[str, PartitionGroup] = {}  # partitioned subscriptions, by topic
         self.tasks: list[asyncio.Task[None]] = []
-        self.session: aiohttp.ClientSession | None = None
+        self.session = LazySession()
         self.ports: dict[str, int] = {}
 
-    # -- the three apps ----------------------------------------------------------------------
-    def _app_api(self, invoker: Invoker, publisher: Publisher) -> web.Application:
-        app = web.Application(middlewares=[never_crash], client_max_size=self.config.max_body_bytes)
-        app.router.add_route("*", r"/v1/invoke/{service}/{path:[\s\S]*}", invoker.handle)
-        app.router.add_post("/v1/publish/{topic}", publisher.handle)
+    # -- the three ports' routes (one set for both engines) -----------------------------------
+    def _api(self, invoker: Invoker, publisher: Publisher) -> Route:
+        """The app-facing port: invoke, publish, shutdown, read-your-writes."""
 
-        async def shutdown(_: web.Request) -> web.Response:
-            # For apps in pods without native sidecars (e.g. a Job): ask the sidecar to exit.
-            self.stop_requested.set()
-            return web.json_response({"status": "shutting down"}, status=202)
+        async def route(request: Any) -> Reply:
+            raw = request.raw_path
+            if raw.startswith("/v1/invoke/") and "/" in raw[len("/v1/invoke/") + 1 :]:
+                return await invoker.handle(request)
+            parts = request.path.split("/")
+            method = request.method
+            if len(parts) == 4 and parts[1:3] == ["v1", "publish"] and parts[3]:
+                if method != "POST":
+                    return _not_allowed(method)
+                return await publisher.handle(request, parts[3])
+            if parts == ["", "v1", "shutdown"]:
+                if method != "POST":
+                    return _not_allowed(method)
+                # For apps in pods without native sidecars (e.g. a Job): ask it to exit.
+                self.stop_requested.set()
+                return json_reply({"status": "shutting down"}, 202)
+            if (
+                len(parts) == 5
+                and parts[1:3] == ["v1", "subscriptions"]
+                and parts[3]
+                and (parts[4] == "processed")
+            ):
+                if method not in ("GET", "HEAD"):
+                    return _not_allowed(method)
+                return await self._processed(request, parts[3])
+            return error(404, "not_found", "Not Found")
 
-        app.router.add_post("/v1/shutdown", shutdown)
-        app.router.add_get("/v1/subscriptions/{topic}/processed", self._processed)
-        return app
+        return route
 
-    async def _processed(self, request: web.Request) -> web.Response:
+    async def _processed(self, request: Any, topic: str) -> Reply:
         """Read your writes: GET /v1/subscriptions/<topic>/processed?atLeast=S[&timeoutMs=T]
         answers once every event of the topic up to stream sequence S (what /v1/publish
         returned) is settled here, or 504 after T (5000, at most 60000) ms."""
-        topic = request.match_info["topic"]
         sub: Subscriber | PartitionGroup | None = self.groups.get(topic) or next(
             (s for s in self.subscribers if s.topic == topic), None
         )
@@ -103,51 +109,47 @@ class Sidecar:
         reached, position = await sub.processed(at_least, timeout_ms / 1000)
         body = {"topic": topic, "processed": position, "atLeast": at_least}
         if not reached:
-            return web.json_response({**body, "error": "timeout"}, status=504)
-        return web.json_response(body)
+            return json_reply({**body, "error": "timeout"}, 504)
+        return json_reply(body)
 
-    def _inbound(self, inbound: Inbound) -> web.Application:
-        app = web.Application(middlewares=[never_crash], client_max_size=self.config.max_body_bytes)
-        app.router.add_route("*", r"/{path:[\s\S]*}", inbound.handle, expect_handler=inbound.expect)
-        return app
+    def _admin(self) -> Route:
+        """Metrics, liveness and readiness."""
 
-    def _admin(self) -> web.Application:
-        async def prometheus(_: web.Request) -> web.Response:
-            # Never waits on the broker: the subscriptions keep their lag gauges fresh.
-            return web.Response(
-                body=generate_latest(metrics.REGISTRY),
-                headers={"Content-Type": CONTENT_TYPE_LATEST},
-            )
-
-        async def healthz(_: web.Request) -> web.Response:
-            return web.json_response({"status": "ok"})
-
-        async def readyz(_: web.Request) -> web.Response:
-            problems = []
-            if self.stop_requested.is_set():
-                problems.append("shutting down")
-            if self.broker is not None:
-                if not self.broker.connected:
-                    problems.append(
-                        f"pub/sub: {self.broker.problem or 'broker not connected'} "
-                        "(invoke and inbound calls work)"
-                    )
-                elif self.broker.problem:
-                    problems.append(f"pub/sub: {self.broker.problem}")
-            problems += [
-                f"subscription {s.topic}: {s.problem}" for s in self.subscribers if s.problem
-            ]
-            if self.config.app_port is not None and not await self._app_reachable():
-                problems.append(f"app port {self.config.app_port} not reachable")
+        async def route(request: Any) -> Reply:
+            path = request.path
+            if path not in ("/metrics", "/healthz", "/readyz"):
+                return error(404, "not_found", "Not Found")
+            if request.method not in ("GET", "HEAD"):
+                return _not_allowed(request.method)
+            if path == "/metrics":
+                # Never waits on the broker: the subscriptions keep their lag gauges fresh.
+                body = generate_latest(metrics.REGISTRY)
+                return Reply(200, [("Content-Type", CONTENT_TYPE_LATEST)], body)
+            if path == "/healthz":
+                return json_reply({"status": "ok"})
+            problems = await self._not_ready()
             if problems:
                 return error(503, "not_ready", "; ".join(problems))
-            return web.json_response({"status": "ready"})
+            return json_reply({"status": "ready"})
 
-        app = web.Application(middlewares=[never_crash])
-        app.router.add_get("/metrics", prometheus)
-        app.router.add_get("/healthz", healthz)
-        app.router.add_get("/readyz", readyz)
-        return app
+        return route
+
+    async def _not_ready(self) -> list[str]:
+        problems = []
+        if self.stop_requested.is_set():
+            problems.append("shutting down")
+        if self.broker is not None:
+            if not self.broker.connected:
+                problems.append(
+                    f"pub/sub: {self.broker.problem or 'broker not connected'} "
+                    "(invoke and inbound calls work)"
+                )
+            elif self.broker.problem:
+                problems.append(f"pub/sub: {self.broker.problem}")
+        problems += [f"subscription {s.topic}: {s.problem}" for s in self.subscribers if s.problem]
+        if self.config.app_port is not None and not await self._app_reachable():
+            problems.append(f"app port {self.config.app_port} not reachable")
+        return problems
 
     async def _app_reachable(self) -> bool:
         try:
@@ -164,10 +166,6 @@ class Sidecar:
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         c = self.config
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
-            auto_decompress=False,
-        )
         dedup_path = Path(c.data_dir) / "dedup.jsonl" if c.data_dir else None
         if dedup_path is not None:
             dedup_path.parent.mkdir(parents=True, exist_ok=True)
@@ -178,44 +176,53 @@ class Sidecar:
             c.journal_max_entries,
         )
         metrics.configure([*c.services, *c.targets], c.subscribe)
-        invoker = Invoker(c, self.session)
-        inbound = Inbound(c, self.session, Authenticator(c, self.session), dedup, journal)
+        fast = c.http_engine == "fast"
+        self.pool = fasthttp.Pool() if fast else None
+        invoker = Invoker(c, self.session, self.pool)
+        inbound = Inbound(
+            c, self.session, Authenticator(c, self.session), dedup, journal, self.pool
+        )
         publisher = Publisher(c, self.broker)
-        for name, app, host, port in (
-            ("http", self._app_api(invoker, publisher), "127.0.0.1", c.http_port),
-            ("inbound", self._inbound(inbound), c.bind_host, c.inbound_port),
+        ports = (
+            ("http", self._api(invoker, publisher), "127.0.0.1", c.http_port),
+            ("inbound", inbound.handle, c.bind_host, c.inbound_port),
             ("admin", self._admin(), c.bind_host, c.admin_port),
-        ):
-            runner = web.AppRunner(
-                app,
-                access_log=None,
-                shutdown_timeout=c.shutdown_grace_s,
-                # Headers must arrive within this (aiohttp closes a connection still idle
-                # or half-way through its headers at keep-alive expiry): no slowloris.
-                keepalive_timeout=c.header_timeout_s,
-            )
-            await runner.setup()
-            site = web.TCPSite(runner, host, port)
-            await site.start()
-            self.runners.append(runner)
-            sockets = site._server.sockets if site._server else []
-            self.ports[name] = sockets[0].getsockname()[1] if sockets else port
+        )
+        if fast:
+            limits = fasthttp.Limits(c.max_body_bytes, c.header_timeout_s)
+            for name, route, host, port in ports:
+                server = fasthttp.Server(route, limits)
+                self.ports[name] = await server.start(host, port)
+                self.servers.append(server)
+        else:
+            from accord_sidecar import aiohttp_engine  # the baseline: imports aiohttp
+
+            for name, route, host, port in ports:
+                expect = inbound if name == "inbound" else None
+                runner, self.ports[name] = await aiohttp_engine.serve(c, route, host, port, expect)
+                self.runners.append(runner)
         self.tasks.append(asyncio.create_task(outcome.watch(c, inbound, self.session)))
         if self.broker is not None:
             # In the background: invoke and inbound serve at once, broker or not.
             self.tasks.append(asyncio.create_task(self.broker.connect()))
+            app = self.pool.get(c.app_host, c.app_port) if self.pool and c.app_port else None
             for topic in c.subscribe:
                 if c.partitions > 1:
-                    group = PartitionGroup(c, self.broker, self.session, topic, c.partitions)
+                    group = PartitionGroup(c, self.broker, self.session, topic, c.partitions, app)
                     self.groups[topic] = group
                     self.subscribers += group.subscribers
                     self.tasks.append(asyncio.create_task(group.run()))
                     continue
-                sub = Subscriber(c, self.broker, self.session, topic)
+                sub = Subscriber(c, self.broker, self.session, topic, app=app)
                 self.subscribers.append(sub)
                 self.tasks.append(asyncio.create_task(sub.run()))
         logger.info("accord-sidecar ready: %s", " ".join(f"{k}={v}" for k, v in self.ports.items()))
         print(f"accord-sidecar listening {self.ports}", flush=True)
+        # What start made lives as long as the process: out of the collector's way, and
+        # collections of the young generation rarer (a request makes short-lived objects).
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(20_000, 20, 20)
 
     async def stop(self) -> None:
         """Stop taking work, finish deliveries in flight, close the broker cleanly."""
@@ -229,12 +236,18 @@ class Sidecar:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        await asyncio.gather(*(s.stop(c.shutdown_grace_s) for s in self.servers))
         for runner in self.runners:
             await runner.cleanup()
+        if self.pool is not None:
+            self.pool.close()
         if self.broker is not None:
             await self.broker.close()
-        if self.session is not None:
-            await self.session.close()
+        await self.session.close()
+
+
+def _not_allowed(method: str) -> Reply:
+    return error(405, "method_not_allowed", f"{method} is not allowed here")
 
 
 async def serve(config: Config) -> None:

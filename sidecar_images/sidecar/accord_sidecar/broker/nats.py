@@ -17,24 +17,35 @@ import contextlib
 import json
 import logging
 import re
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import nats
-from nats.aio.client import Client
-from nats.js import JetStreamContext, api
-from nats.js.errors import (
-    BadRequestError,
-    BucketNotFoundError,
-    KeyNotFoundError,
-    KeyWrongLastSequenceError,
-    NoStreamResponseError,
-    NotFoundError,
-)
-
 import accord_wire as wire
+
+# nats-py loads aiohttp for its WebSocket transport, which the sidecar never uses (nats://
+# only): kept from loading it, so that a sidecar starts without aiohttp (a tenth of a
+# second). Anything that does need aiohttp later imports it as usual.
+_unloaded = "aiohttp" not in sys.modules
+if _unloaded:
+    sys.modules["aiohttp"] = None  # type: ignore[assignment]
+try:
+    import nats
+    from nats.aio.client import Client
+    from nats.js import JetStreamContext, api
+    from nats.js.errors import (
+        BadRequestError,
+        BucketNotFoundError,
+        KeyNotFoundError,
+        KeyWrongLastSequenceError,
+        NoStreamResponseError,
+        NotFoundError,
+    )
+finally:
+    if _unloaded:
+        del sys.modules["aiohttp"]
 
 logger = logging.getLogger("accord.sidecar.broker")
 
@@ -135,6 +146,11 @@ class Broker:
             self._recheck = asyncio.create_task(self._ensure_stream_logged())
 
         async def error(exc: Exception) -> None:
+            # nats-py's first connect swallows a cancel that lands in its cleanup and tries
+            # again forever: a stop that came meanwhile ends it here (called in its loop).
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
             # Called on every failed attempt: say it now and then, not 4 times a second.
             now = time.monotonic()
             if now - self._last_failure_log > 30:

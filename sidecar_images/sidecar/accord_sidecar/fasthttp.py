@@ -1,0 +1,633 @@
+"""The sidecar's own HTTP/1.1 server and upstream client: asyncio protocols over httptools'
+parser, no framework. The sidecar's ports are served here: a request costs a parse, a dict
+of headers and one write. Handlers take a `Request` (the subset of aiohttp's web.Request
+the sidecar uses, so the same handlers serve ACCORD_HTTP_ENGINE=aiohttp) and return a
+`Reply`. Nothing here imports aiohttp: a sidecar on this engine starts without it.
+
+What a slow or broken client gets, as before: headers must arrive within the header timeout
+(no slowloris), a body within the body timeout (408), over the size limit a 413 before the
+body is read, something that is not HTTP a 400; each of those closes the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import parse_qsl, unquote
+
+import httptools
+from multidict import CIMultiDict, MultiDict
+
+log = logging.getLogger("accord.sidecar.http")
+
+_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+_NO_BODY = frozenset({204, 304})
+
+
+class Reply:
+    """A response built without aiohttp: status, headers (name, value) and body."""
+
+    __slots__ = ("body", "close", "headers", "status")
+
+    def __init__(
+        self, status: int, headers: list[tuple[str, str]], body: bytes, close: bool = False
+    ) -> None:
+        self.status, self.headers, self.body, self.close = status, headers, body, close
+
+
+def json_reply(data: Any, status: int = 200) -> Reply:
+    body = json.dumps(data).encode()
+    return Reply(status, [("Content-Type", "application/json; charset=utf-8")], body)
+
+
+class BodyError(Exception):
+    """The body could not be read: (status, code, message) for the error answer."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+class Request:
+    """One request as the handlers see it (aiohttp's web.Request, as far as they use it)."""
+
+    __slots__ = (
+        "_body",
+        "_chunks",
+        "_conn",
+        "_continue",
+        "_done",
+        "_lost",
+        "_size",
+        "_too_large",
+        "chunked",
+        "content_length",
+        "headers",
+        "keep_alive",
+        "match_info",
+        "method",
+        "raw_path",
+        "version",
+    )
+
+    def __init__(self, conn: ServerConnection) -> None:
+        self._conn = conn
+        self.method = ""
+        self.raw_path = ""
+        self.headers: CIMultiDict[str] = CIMultiDict()
+        self.version = "1.1"
+        self.keep_alive = True
+        self.match_info: dict[str, str] = {}
+        self.content_length: int | None = None
+        self.chunked = False
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._too_large = False
+        self._continue = False  # Expect: 100-continue, not answered yet
+        self._done: asyncio.Future[None] | None = None  # the body arrived (or never will)
+        self._lost = False
+        self._body: bytes | None = None
+
+    @property
+    def path(self) -> str:
+        return unquote(self.raw_path.partition("?")[0])
+
+    @property
+    def query(self) -> MultiDict[str]:
+        return MultiDict(parse_qsl(self.raw_path.partition("?")[2], keep_blank_values=True))
+
+    @property
+    def body_exists(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+    @property
+    def body_complete(self) -> bool:
+        return self._body is not None
+
+    async def read(self, limit: int, timeout_s: float) -> bytes:
+        """The whole body; BodyError (413, 408, 400) when it is over `limit`, does not arrive
+        within `timeout_s`, or the client gave up sending it."""
+        if self._body is not None:
+            return self._body
+        if self.content_length is not None and self.content_length > limit:
+            raise BodyError(413, "body_too_large", f"body is over the {limit}-byte limit")
+        if self._continue:  # the handler wants it: now the client may send it
+            self._continue = False
+            self._conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if self._done is None:
+            self._done = asyncio.get_running_loop().create_future()
+        if not self._done.done():
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await asyncio.shield(self._done)
+            except TimeoutError:
+                log.info("%s %s: body not received within %ss", self.method, self.path, timeout_s)
+                raise BodyError(
+                    408, "body_timeout", f"the body did not arrive within {timeout_s}s"
+                ) from None
+        if self._lost or self._body is None:
+            log.info("%s %s: client gave up sending its body", self.method, self.path)
+            raise BodyError(400, "body_incomplete", "the body ended before its length")
+        if self._too_large:
+            raise BodyError(413, "body_too_large", f"body is over the {limit}-byte limit")
+        return self._body
+
+    # -- fed by the connection --------------------------------------------------------------
+    def _add(self, chunk: bytes, limit: int) -> None:
+        self._size += len(chunk)
+        if self._size > limit:
+            self._too_large = True
+            self._chunks.clear()
+        elif not self._too_large:
+            self._chunks.append(chunk)
+
+    def _complete(self) -> None:
+        self._body = b"".join(self._chunks)
+        self._chunks = []
+        if self._done is not None and not self._done.done():
+            self._done.set_result(None)
+
+    def _abandon(self) -> None:
+        self._lost = True
+        if self._done is not None and not self._done.done():
+            self._done.set_result(None)
+
+
+Handler = Callable[[Request], Awaitable[Reply]]
+
+
+class Limits:
+    def __init__(self, max_body: int, header_timeout_s: float) -> None:
+        self.max_body = max_body
+        self.header_timeout_s = header_timeout_s
+
+
+class ServerConnection(asyncio.Protocol):
+    """One client connection: requests parsed as they arrive, answered one at a time in
+    order (pipelining allowed)."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.handler = server.handler
+        self.limits = server.limits
+        self.loop = asyncio.get_running_loop()
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.queue: collections.deque[Request] = collections.deque()  # headers complete
+        self.parsing: Request | None = None
+        self.busy = False
+        self.closing = False
+        self.deadline: asyncio.TimerHandle | None = None
+        self._header: list[tuple[str, str]] = []
+        self._url = b""
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.server.connections.add(self)
+        self._expect_headers()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._refuse(501, "upgrade_unsupported", "protocol upgrades are not supported")
+        except httptools.HttpParserError as exc:
+            log.info("refused a malformed request: %s", exc)
+            self._refuse(400, "bad_request", f"not an HTTP/1.1 request: {exc}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.server.connections.discard(self)
+        self.server.changed.set()
+        self._cancel_deadline()
+        if self.parsing is not None:
+            self.parsing._abandon()
+        for request in self.queue:
+            if not request.body_complete:
+                request._abandon()
+
+    # -- httptools callbacks ----------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.parsing = Request(self)
+        self._header = []
+        self._url = b""
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        self._cancel_deadline()
+        request = self.parsing
+        assert request is not None
+        request.headers = CIMultiDict(self._header)
+        request.method = self.parser.get_method().decode("ascii")
+        request.raw_path = self._url.decode("latin-1")
+        request.version = self.parser.get_http_version()
+        request.keep_alive = self.parser.should_keep_alive()
+        length = request.headers.get("Content-Length")
+        request.content_length = int(length) if length and length.isdigit() else None
+        request.chunked = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+        expect = request.headers.get("Expect")
+        if expect is not None:
+            if expect.lower() != "100-continue":
+                self.queue.append(request)
+                request._continue = False
+                self._reply_now(request, 417, "expectation_failed",
+                                "only Expect: 100-continue is understood")  # fmt: skip
+                return
+            request._continue = request.version == "1.1"
+        if not request.body_exists:
+            request._body = b""
+        self.queue.append(request)
+        if len(self.queue) > 8 and self.transport is not None:
+            self.transport.pause_reading()  # pipelined too far ahead: wait for the answers
+        self._next()
+
+    def on_body(self, body: bytes) -> None:
+        if self.parsing is not None:
+            self.parsing._add(body, self.limits.max_body)
+
+    def on_message_complete(self) -> None:
+        request, self.parsing = self.parsing, None
+        if request is not None:
+            request._complete()
+
+    # -- answering ----------------------------------------------------------------------------
+    def _next(self) -> None:
+        if self.busy or not self.queue or self.closing:
+            return
+        self.busy = True
+        self.loop.create_task(self._serve(self.queue[0]))
+
+    async def _serve(self, request: Request) -> None:
+        try:
+            response = await self.handler(request)
+        except BodyError as exc:
+            response = _error(exc.status, exc.code, exc.message, close=True)
+        except Exception as exc:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            response = _error(500, "internal", type(exc).__name__, close=True)
+        self._send(request, response)
+
+    def _reply_now(self, request: Request, status: int, code: str, message: str) -> None:
+        if not self.busy and self.queue and self.queue[0] is request:
+            self.busy = True
+            self._send(request, _error(status, code, message, close=True))
+
+    def _send(self, request: Request, response: Reply) -> None:
+        if self.queue and self.queue[0] is request:
+            self.queue.popleft()
+        self.busy = False
+        self.server.changed.set()
+        status, headers, body = response.status, response.headers, response.body
+        # A body not read to its end cannot be skipped over: the connection closes.
+        close = (
+            response.close
+            or not request.keep_alive
+            or not request.body_complete
+            or self.closing
+            or self.server.stopping
+        )
+        head = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown")),
+                _header_lines(headers)]  # fmt: skip
+        if status not in _NO_BODY:
+            head.append(b"Content-Length: %d\r\n" % len(body))
+        if close:
+            head.append(b"Connection: close\r\n")
+        head.append(b"\r\n")
+        if request.method != "HEAD" and status not in _NO_BODY:
+            head.append(body)
+        self.write(b"".join(head))
+        if close:
+            self._close()
+            return
+        if self.transport is not None and len(self.queue) <= 8:
+            self.transport.resume_reading()
+        if self.queue:
+            self._next()
+        else:  # the next request's headers, from now (perhaps begun already)
+            self._expect_headers()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def _refuse(self, status: int, code: str, message: str) -> None:
+        if not self.busy:  # else the connection closes after the answer in progress
+            self.write(_wire_error(status, code, message))
+        self._close()
+
+    def _close(self) -> None:
+        self.closing = True
+        self._cancel_deadline()
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- the header timeout ------------------------------------------------------------------
+    def _expect_headers(self) -> None:
+        self._cancel_deadline()
+        self.deadline = self.loop.call_later(self.limits.header_timeout_s, self._headers_late)
+
+    def _headers_late(self) -> None:
+        self.deadline = None
+        if not self.busy and not self.queue:
+            self._close()
+
+    def _cancel_deadline(self) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
+
+
+def _header_lines(headers: Iterable[tuple[str, str]]) -> bytes:
+    text = "".join([f"{name}: {value}\r\n" for name, value in headers])
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:  # not what HTTP allows, but said as UTF-8 rather than lost
+        return text.encode("utf-8")
+
+
+def _error(status: int, code: str, message: str, close: bool = False) -> Reply:
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    return Reply(status, [("Content-Type", "application/json; charset=utf-8")], body, close)
+
+
+def _wire_error(status: int, code: str, message: str) -> bytes:
+    r = _error(status, code, message)
+    return (
+        b"HTTP/1.1 %d %s\r\nContent-Type: application/json; charset=utf-8\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+        % (status, _REASONS.get(status, b"Unknown"), len(r.body), r.body)
+    )
+
+
+class Server:
+    """A listening socket and its connections."""
+
+    def __init__(self, handler: Handler, limits: Limits) -> None:
+        self.handler = handler
+        self.limits = limits
+        self.connections: set[ServerConnection] = set()
+        self.stopping = False
+        self.changed = asyncio.Event()  # a connection answered, or closed
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen; the port it listens on."""
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            lambda: ServerConnection(self), host, port, reuse_address=True, backlog=1024
+        )
+        return int(self.server.sockets[0].getsockname()[1])
+
+    def idle(self) -> bool:
+        return not any(c.busy or c.queue for c in self.connections)
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop listening, let the requests in progress finish (within `grace_s`), close."""
+        self.stopping = True
+        if self.server is not None:
+            self.server.close()
+        loop = asyncio.get_running_loop()
+        until = loop.time() + grace_s
+        for conn in [c for c in self.connections if not c.busy and not c.queue]:
+            conn._close()
+        while not self.idle() and loop.time() < until:
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), until - loop.time())
+        for conn in list(self.connections):
+            conn._close()
+
+
+# -- the upstream client ---------------------------------------------------------------------
+
+
+class UpstreamError(Exception):
+    """No answer: ("timeout" | "unreachable", message)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Answer:
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.headers: list[tuple[str, str]] = []
+        self.body: list[bytes] = []
+
+
+class ClientConnection(asyncio.Protocol):
+    """One keep-alive connection to an upstream; one request on it at a time."""
+
+    def __init__(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.answer: _Answer | None = None
+        self.done: asyncio.Future[bool] | None = None  # True: the connection may be reused
+        self.closed = False
+        self.received = False  # any byte of the answer
+        self.headers_done = False
+        self.until_close = False  # a body that ends when the connection does
+        self.head = False  # the request was HEAD: its answer has no body, whatever it says
+        self.idle_since = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.received = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamError("unreachable", f"not an HTTP answer: {exc}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.done is not None and not self.done.done():
+            if self.headers_done and self.until_close:
+                self.done.set_result(False)
+            else:
+                why = str(exc) if exc else "the connection closed before the answer"
+                self.done.set_exception(UpstreamError("unreachable", why))
+
+    def on_message_begin(self) -> None:
+        if self.answer is None:
+            self.answer = _Answer()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.answer is not None:
+            self.answer.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        self.headers_done = True
+        if self.answer is None:
+            return
+        self.answer.status = self.parser.get_status_code()
+        names = {k.lower() for k, _ in self.answer.headers}
+        self.until_close = "content-length" not in names and "transfer-encoding" not in names
+        # HEAD: the parser would wait for the body it announces. Done, and not reused.
+        if self.head and self.answer.status >= 200 and self.done and not self.done.done():
+            self.done.set_result(False)
+
+    def on_body(self, body: bytes) -> None:
+        if self.answer is not None:
+            self.answer.body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self.done is not None and not self.done.done():
+            if self.answer is not None and 100 <= self.answer.status < 200:
+                self.answer, self.headers_done = _Answer(), False  # an interim answer
+                return
+            self.done.set_result(self.parser.should_keep_alive())
+
+    def _fail(self, exc: Exception) -> None:
+        if self.done is not None and not self.done.done():
+            self.done.set_exception(exc)
+        if self.transport is not None:
+            self.transport.close()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+IDLE_S = 30.0  # an idle upstream connection older than this is not reused
+MAX_IDLE = 128  # idle connections kept per upstream
+
+
+class Upstream:
+    """A pool of keep-alive connections to one host:port."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.authority = f"{host}:{port}".encode("latin-1")
+        self.idle: list[ClientConnection] = []
+
+    async def request(
+        self,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]] | Any,
+        body: bytes,
+        timeout_s: float,
+        replayable: bool = True,
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
+        """(status, headers, body). UpstreamError when there is no answer. `replayable`:
+        the request may be sent again on a fresh connection when a reused one turns out
+        closed before any byte of the answer came (the upstream dropped it while idle)."""
+        head = [b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (
+            method.encode("ascii"), target.encode("latin-1"), self.authority),
+            _header_lines(headers.items() if hasattr(headers, "items") else headers)]  # fmt: skip
+        if body or method in ("POST", "PUT", "PATCH"):
+            head.append(b"Content-Length: %d\r\n" % len(body))
+        head.append(b"\r\n")
+        if body:
+            head.append(body)
+        data = b"".join(head)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            conn, reused = await self._connection(deadline, timeout_s)
+            conn.head = method == "HEAD"
+            try:
+                return await self._exchange(conn, data, deadline, timeout_s)
+            except UpstreamError as exc:
+                if exc.code != "timeout" and reused and not conn.received and replayable:
+                    continue  # closed while idle: once more, on another connection
+                raise
+
+    async def _connection(self, deadline: float, timeout_s: float) -> tuple[ClientConnection, bool]:
+        now = time.monotonic()
+        while self.idle:
+            conn = self.idle.pop()
+            if not conn.closed and now - conn.idle_since < IDLE_S:
+                return conn, True
+            conn.close()
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout_at(deadline):
+                _, conn = await loop.create_connection(ClientConnection, self.host, self.port)
+        except TimeoutError:
+            raise UpstreamError("timeout", f"no answer within {timeout_s:g}s") from None
+        except OSError as exc:
+            raise UpstreamError(
+                "unreachable", f"Cannot connect to host {self.host}:{self.port} ({exc})"
+            ) from None
+        return conn, False
+
+    async def _exchange(
+        self, conn: ClientConnection, data: bytes, deadline: float, timeout_s: float
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
+        assert conn.transport is not None
+        loop = asyncio.get_running_loop()
+        conn.answer = _Answer()
+        conn.received = conn.headers_done = conn.until_close = False
+        done = conn.done = loop.create_future()
+        # A timer rather than asyncio.timeout: one handle, the cheapest way on this path.
+        timer = loop.call_at(deadline, _time_out, done, timeout_s)
+        try:
+            conn.transport.write(data)
+            reusable = await done
+        except BaseException:
+            conn.close()  # half-way through an exchange: never reused
+            raise
+        finally:
+            timer.cancel()
+        answer, conn.answer, conn.done = conn.answer, None, None
+        assert answer is not None
+        if reusable and not conn.closed and len(self.idle) < MAX_IDLE:
+            conn.idle_since = time.monotonic()
+            self.idle.append(conn)
+        else:
+            conn.close()
+        return answer.status, answer.headers, b"".join(answer.body)
+
+    def close(self) -> None:
+        for conn in self.idle:
+            conn.close()
+        self.idle.clear()
+
+
+def _time_out(done: asyncio.Future[bool], timeout_s: float) -> None:
+    if not done.done():
+        done.set_exception(UpstreamError("timeout", f"no answer within {timeout_s:g}s"))
+
+
+class Pool:
+    """Upstreams by host:port (bounded: the least recently made go first)."""
+
+    def __init__(self, limit: int = 1024) -> None:
+        self.upstreams: dict[tuple[str, int], Upstream] = {}
+        self.limit = limit
+
+    def get(self, host: str, port: int) -> Upstream:
+        key = (host, port)
+        upstream = self.upstreams.get(key)
+        if upstream is None:
+            if len(self.upstreams) >= self.limit:
+                self.upstreams.pop(next(iter(self.upstreams))).close()
+            upstream = self.upstreams[key] = Upstream(host, port)
+        return upstream
+
+    def close(self) -> None:
+        for upstream in self.upstreams.values():
+            upstream.close()
+        self.upstreams.clear()

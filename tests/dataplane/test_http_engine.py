@@ -1,0 +1,175 @@
+"""The sidecar's own HTTP/1.1 (accord_sidecar.fasthttp) against real sockets: what a
+framework used to do for us. Clients that pipeline, chunk or expect; upstreams that chunk,
+answer until they close, drop idle keep-alive connections, or answer HEAD."""
+
+from __future__ import annotations
+
+import socket
+import socketserver
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from tests.support.dataplane import Recorder, Sidecar, request
+
+
+def _exchange(port: int, data: bytes, until: bytes = b"", timeout: float = 10) -> bytes:
+    """Send raw bytes; what came back (until `until` was seen, or the server closed)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        got = b""
+        while not (until and until in got):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        return got
+
+
+@pytest.fixture
+def app_and_sidecar(spawn: Callable[..., Any]) -> tuple[Recorder, Sidecar]:
+    app: Recorder = spawn(Recorder, "inventory")
+    sidecar: Sidecar = spawn(
+        Sidecar, "caller", ACCORD_SERVICES=f"inventory={app.url.removeprefix('http://')}",
+        ACCORD_SHARED_TOKEN="t", ACCORD_APP_PORT=str(app.port), ACCORD_HTTP_ENGINE="fast",
+    )  # fmt: skip
+    return app, sidecar
+
+
+def test_pipelined_requests_are_answered_in_order(
+    app_and_sidecar: tuple[Recorder, Sidecar],
+) -> None:
+    app, sidecar = app_and_sidecar
+    app.behave({"path": "/first", "delayMs": 300})  # the first answer comes last at the app
+    requests = b"".join(
+        b"GET /v1/invoke/inventory/%s HTTP/1.1\r\nHost: x\r\n\r\n" % name
+        for name in (b"first", b"second", b"third")
+    )
+    got = _exchange(sidecar.http_port, requests + b"GET /v1/invoke/inventory/last HTTP/1.1\r\n"
+                    b"Host: x\r\nConnection: close\r\n\r\n")  # fmt: skip
+    answers = got.split(b"HTTP/1.1 ")[1:]
+    assert len(answers) == 4 and all(a.startswith(b"200 ") for a in answers), got
+    paths = [c["path"] for c in app.calls()]
+    assert paths[-4:] == ["/first", "/second", "/third", "/last"]
+    # Each answer is its own request's: the Recorder numbers its calls in order.
+    assert [b'"path": "/%s"' % p in a for p, a in zip(
+        (b"first", b"second", b"third", b"last"), answers, strict=True)] == [True] * 4  # fmt: skip
+
+
+def test_a_chunked_request_body_reaches_the_app_whole(
+    app_and_sidecar: tuple[Recorder, Sidecar],
+) -> None:
+    app, sidecar = app_and_sidecar
+    got = _exchange(sidecar.http_port,
+                    b"POST /v1/invoke/inventory/up HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                    b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    b"4\r\n{\"a\"\r\n3\r\n: 1\r\n1\r\n}\r\n0\r\n\r\n")  # fmt: skip
+    assert got.startswith(b"HTTP/1.1 200 "), got
+    assert app.calls("/up")[-1]["body"] == {"a": 1}
+
+
+def test_expect_other_than_continue_is_refused(app_and_sidecar: tuple[Recorder, Sidecar]) -> None:
+    _, sidecar = app_and_sidecar
+    got = _exchange(sidecar.inbound_port,
+                    b"POST /x HTTP/1.1\r\nHost: x\r\nExpect: 200-ok\r\nContent-Length: 2\r\n"
+                    b"Authorization: Bearer t\r\n\r\n{}")  # fmt: skip
+    assert got.startswith(b"HTTP/1.1 417 "), got
+
+
+def test_expect_continue_gets_100_once_authenticated(
+    app_and_sidecar: tuple[Recorder, Sidecar],
+) -> None:
+    app, sidecar = app_and_sidecar
+    with socket.create_connection(("127.0.0.1", sidecar.inbound_port), timeout=10) as s:
+        s.sendall(b"POST /charge HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                  b"Content-Length: 2\r\nAuthorization: Bearer t\r\n\r\n")  # fmt: skip
+        assert s.recv(4096).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        s.sendall(b"{}")
+        assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+    assert app.calls("/charge")[-1]["body"] == {}
+
+
+class _Upstream(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+@pytest.fixture
+def odd_upstream() -> Iterator[tuple[int, list[str]]]:
+    """An HTTP/1.1 server with odd but legal habits, by path: /chunked answers in chunks,
+    /until-close has no length and closes, /head answers HEAD with a length and no body,
+    anything else answers with a length and then closes the kept-alive connection a
+    moment later (as servers do with idle ones). Records every request line."""
+    seen: list[str] = []
+
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            while True:
+                line = self.rfile.readline()
+                if not line:
+                    return
+                length = 0
+                while (header := self.rfile.readline()) not in (b"\r\n", b""):
+                    if header.lower().startswith(b"content-length:"):
+                        length = int(header.split(b":")[1])
+                self.rfile.read(length)
+                seen.append(line.decode().strip())
+                path = line.split()[1]
+                if path == b"/chunked":
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                     b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")  # fmt: skip
+                elif path == b"/until-close":
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it")
+                    return
+                elif path == b"/head":
+                    head = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\nX-Head: y\r\n\r\n"
+                    self.wfile.write(head)
+                else:
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    self.wfile.flush()
+                    threading.Timer(0.2, self.connection.close).start()
+                    return
+
+    server = _Upstream(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1], seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_upstream_answers_in_chunks_until_close_and_to_head(
+    spawn: Callable[..., Any], odd_upstream: tuple[int, list[str]]
+) -> None:
+    port, _ = odd_upstream
+    sidecar: Sidecar = spawn(Sidecar, "caller", ACCORD_SERVICES=f"odd=127.0.0.1:{port}",
+                             ACCORD_HTTP_ENGINE="fast")  # fmt: skip
+    status, body, headers = request("GET", f"{sidecar.api}/v1/invoke/odd/chunked", raw=True)
+    assert (status, body) == (200, "hello world")
+    assert "Transfer-Encoding" not in headers  # our own framing: a length
+    status, body, _ = request("GET", f"{sidecar.api}/v1/invoke/odd/until-close", raw=True)
+    assert (status, body) == (200, "all of it")
+    status, body, headers = request("HEAD", f"{sidecar.api}/v1/invoke/odd/head", raw=True)
+    assert status == 200 and headers.get("X-Head") == "y" and body == ""
+    # The connection after a HEAD is not reused half-read: the next call is answered right.
+    status, body, _ = request("GET", f"{sidecar.api}/v1/invoke/odd/chunked", raw=True)
+    assert (status, body) == (200, "hello world")
+
+
+def test_an_upstream_that_drops_idle_connections_costs_no_failed_call(
+    spawn: Callable[..., Any], odd_upstream: tuple[int, list[str]]
+) -> None:
+    """Every answer is followed by the upstream closing the connection a moment later:
+    the next call finds its pooled connection closed and goes on a fresh one (an
+    idempotent call may also be replayed if the close came as it was sent)."""
+    port, seen = odd_upstream
+    sidecar: Sidecar = spawn(Sidecar, "caller", ACCORD_SERVICES=f"odd=127.0.0.1:{port}",
+                             ACCORD_RETRY_MAX_ATTEMPTS="1", ACCORD_HTTP_ENGINE="fast")  # fmt: skip
+    for i in range(5):
+        status, body, _ = request("GET", f"{sidecar.api}/v1/invoke/odd/n{i}", raw=True)
+        assert (status, body) == (200, "ok"), i
+        threading.Event().wait(0.3)  # the upstream has closed it by now
+    assert [line.split()[1] for line in seen] == [f"/n{i}" for i in range(5)]
