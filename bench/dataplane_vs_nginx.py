@@ -10,11 +10,13 @@ rounds, medians printed:
   it was due, so a stall counts for every request it delays), against the target called
   directly in the same round;
 - max throughput (wrk, 32 connections) and requests per CPU-second of the proxy process;
-- start to ready (/readyz 200, with the broker up) and RSS idle and after the load.
+- start to ready (/readyz 200, with the broker up) and RSS idle and after the load, and
+  with --soak S after S seconds more of wrk against each sidecar (the issue's 5 minutes:
+  --soak 300).
 
 Needs nginx and wrk (apt-get install nginx-light wrk) and nats-server.
 
-    .venv/bin/python bench/dataplane_vs_nginx.py [--rounds 3] [--seconds 5]
+    .venv/bin/python bench/dataplane_vs_nginx.py [--rounds 3] [--seconds 5] [--soak 300]
 """
 
 from __future__ import annotations
@@ -187,6 +189,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument("--soak", type=float, default=0, help="seconds of load, then RSS")
     args = parser.parse_args()
     for tool in ("nginx", "wrk"):
         if shutil.which(tool) is None:
@@ -248,6 +251,12 @@ def main() -> None:
                 throughput.setdefault(name, []).append(done / elapsed)
                 per_cpu.setdefault(name, []).append(done / used if used else 0)
         rss_loaded = {e: rss_mib(p[2]) for e, p in proxies.items()}
+        soaked = {}
+        if args.soak:
+            for name in sidecars:
+                port, path, pid = proxies[name]
+                done = wrk(port, path, args.soak)
+                soaked[name] = (rss_mib(pid), done)
         ready = {
             engine: statistics.median(start_to_ready(tmp, nats.url, engine) for _ in range(5))
             for engine in ("fast", "aiohttp")
@@ -276,6 +285,10 @@ def main() -> None:
           + "".join(f"{rss_loaded[n]:>12.1f}" for n in proxies))  # fmt: skip
     print("start to ready (ms)               "
           + f"{'-':>12}" + "".join(f"{ready[e] * 1000:>12.0f}" for e in ("fast", "aiohttp")))  # fmt: skip
+    for name, (rss, done) in soaked.items():
+        print(
+            f"{name}: RSS {rss:.1f} MiB after {args.soak:g} s more of load ({done:,.0f} requests)"
+        )
     nginx_cpu = statistics.median(per_cpu["nginx"])
     fast_cpu = statistics.median(per_cpu["fast"])
     print(f"\nfast: {fast_cpu / nginx_cpu:.2f} x nginx's requests per CPU-second (goal >= 0.25)")

@@ -11,7 +11,8 @@ SIDECAR = Path(__file__).resolve().parents[2] / "sidecar_images" / "sidecar"
 
 def test_sidecar_imports_only_what_the_image_installs() -> None:
     allowed = {
-        "aiohttp", "nats", "prometheus_client", "multidict", "yarl", "uvloop", "accord_sidecar",
+        "aiohttp", "nats", "prometheus_client", "multidict", "yarl", "uvloop", "httptools",
+        "accord_sidecar",
         "accord_wire",  # copied into the image beside accord_sidecar (see the Dockerfile)
     }  # fmt: skip
     wanted = {
@@ -19,7 +20,7 @@ def test_sidecar_imports_only_what_the_image_installs() -> None:
         for line in (SIDECAR / "requirements.txt").read_text().splitlines()
         if line and not line.startswith("#")
     }
-    assert wanted == {"aiohttp", "nats", "prometheus_client", "uvloop"}
+    assert wanted == {"aiohttp", "httptools", "nats", "prometheus_client", "uvloop"}
     dockerfile = (SIDECAR / "Dockerfile").read_text()
     assert "COPY accord_wire " in dockerfile and "COPY accord_sidecar " in dockerfile
     for path in [

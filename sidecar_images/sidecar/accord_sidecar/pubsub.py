@@ -264,6 +264,7 @@ class Subscriber:
         # Shown on /readyz while delivery is not happening (or not set up yet).
         self.problem: str | None = NOT_YET
         self.label = metrics.topic_label(topic)
+        self._deliveries: dict[str, Any] = {}  # DELIVERIES' children, by outcome
         # Read your writes: the stream sequence up to which every event of the topic was
         # settled here, in order (one delivery in flight; else the broker's ack floor).
         self.position = 0
@@ -450,7 +451,7 @@ class Subscriber:
                 outcomes = await self._post_bulk(pending)
             again, why = [], ""
             for msg, (outcome, reason) in zip(pending, outcomes, strict=True):
-                metrics.DELIVERIES.labels(self.label, outcome).inc()
+                self._delivered(outcome)
                 if outcome not in ("success", "drop"):
                     if attempts[_seq(msg)] < self.config.max_deliveries:
                         why = why or reason
@@ -538,6 +539,13 @@ class Subscriber:
             if self.stopping.is_set() or not self.ownership.held:
                 return False
 
+    def _delivered(self, outcome: str) -> None:
+        """Count a delivery (the metric's children looked up once per outcome)."""
+        child = self._deliveries.get(outcome)
+        if child is None:
+            child = self._deliveries[outcome] = metrics.DELIVERIES.labels(self.label, outcome)
+        child.inc()
+
     def _parked(self, msg: Any) -> bool:
         return wire.parked_subject(self.ownership.key, partition_key(msg)) in self.parked_keys
 
@@ -624,7 +632,7 @@ class Subscriber:
         sidecar stops, or is no longer the owner)."""
         for attempt in range(1, self.config.max_deliveries + 1):
             outcome, reason = await self._post(msg.data)
-            metrics.DELIVERIES.labels(self.label, outcome).inc()
+            self._delivered(outcome)
             if outcome in ("success", "drop"):
                 return True
             if attempt == self.config.max_deliveries:
@@ -665,8 +673,10 @@ class Subscriber:
                     if self.problem is not None and self.problem != NOT_YET:
                         logger.info("subscription %s: delivering again", self.topic)
                     self.problem = None
+                # Pull when half the slots are free, not one by one: a pull per event
+                # would cost a broker round trip each.
                 free = self.config.concurrency - len(self.in_flight)
-                if free <= 0:
+                if free <= 0 or (self.in_flight and free < self.config.concurrency // 2):
                     await asyncio.wait(self.in_flight, return_when=asyncio.FIRST_COMPLETED)
                     continue
                 msgs = await self._sub.fetch(batch=free * bulk, timeout=1)
@@ -761,7 +771,7 @@ class Subscriber:
 
     async def _settle(self, msg: Any, outcome: str, reason: str) -> None:
         delivered = msg.metadata.num_delivered
-        metrics.DELIVERIES.labels(self.label, outcome).inc()
+        self._delivered(outcome)
         try:
             if outcome in ("success", "drop"):
                 await msg.ack()
