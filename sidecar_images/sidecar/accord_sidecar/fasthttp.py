@@ -445,6 +445,7 @@ class ClientConnection(asyncio.Protocol):
         self.received = False  # any byte of the answer
         self.headers_done = False
         self.until_close = False  # a body that ends when the connection does
+        self.framed = False  # the answer has a Content-Length or Transfer-Encoding
         self.head = False  # the request was HEAD: its answer has no body, whatever it says
         self.idle_since = 0.0
 
@@ -474,14 +475,15 @@ class ClientConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.answer is not None:
             self.answer.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+            if len(name) in (14, 17) and name.lower() in (b"content-length", b"transfer-encoding"):
+                self.framed = True
 
     def on_headers_complete(self) -> None:
         self.headers_done = True
         if self.answer is None:
             return
         self.answer.status = self.parser.get_status_code()
-        names = {k.lower() for k, _ in self.answer.headers}
-        self.until_close = "content-length" not in names and "transfer-encoding" not in names
+        self.until_close = not self.framed
         # HEAD: the parser would wait for the body it announces. Done, and not reused.
         if self.head and self.answer.status >= 200 and self.done and not self.done.done():
             self.done.set_result(False)
@@ -493,7 +495,7 @@ class ClientConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self.done is not None and not self.done.done():
             if self.answer is not None and 100 <= self.answer.status < 200:
-                self.answer, self.headers_done = _Answer(), False  # an interim answer
+                self.answer, self.headers_done, self.framed = _Answer(), False, False  # interim
                 return
             self.done.set_result(self.parser.should_keep_alive())
 
@@ -579,7 +581,7 @@ class Upstream:
         assert conn.transport is not None
         loop = asyncio.get_running_loop()
         conn.answer = _Answer()
-        conn.received = conn.headers_done = conn.until_close = False
+        conn.received = conn.headers_done = conn.until_close = conn.framed = False
         done = conn.done = loop.create_future()
         # A timer rather than asyncio.timeout: one handle, the cheapest way on this path.
         timer = loop.call_at(deadline, _time_out, done, timeout_s)
