@@ -173,3 +173,19 @@ def test_an_upstream_that_drops_idle_connections_costs_no_failed_call(
         assert (status, body) == (200, "ok"), i
         threading.Event().wait(0.3)  # the upstream has closed it by now
     assert [line.split()[1] for line in seen] == [f"/n{i}" for i in range(5)]
+
+
+def test_a_chunked_body_over_the_limit_is_refused_even_once_it_arrived_whole(
+    spawn: Callable[..., Any],
+) -> None:
+    app: Recorder = spawn(Recorder, "inventory")
+    sidecar: Sidecar = spawn(
+        Sidecar, "caller", ACCORD_SERVICES=f"inventory={app.url.removeprefix('http://')}",
+        ACCORD_MAX_BODY_BYTES="10", ACCORD_HTTP_ENGINE="fast",
+    )  # fmt: skip
+    chunked = b"5\r\n12345\r\n5\r\n67890\r\n5\r\nabcde\r\n0\r\n\r\n"  # 15 bytes in all
+    got = _exchange(sidecar.http_port,
+                    b"POST /v1/invoke/inventory/big HTTP/1.1\r\nHost: x\r\n"
+                    b"Transfer-Encoding: chunked\r\n\r\n" + chunked)  # fmt: skip
+    assert got.startswith(b"HTTP/1.1 413 "), got
+    assert app.calls("/big") == []

@@ -114,10 +114,12 @@ class Request:
     async def read(self, limit: int, timeout_s: float) -> bytes:
         """The whole body; BodyError (413, 408, 400) when it is over `limit`, does not arrive
         within `timeout_s`, or the client gave up sending it."""
+        if self._too_large:  # (a chunked body that arrived whole before it was asked for)
+            raise _too_large(limit)
         if self._body is not None:
             return self._body
         if self.content_length is not None and self.content_length > limit:
-            raise BodyError(413, "body_too_large", f"body is over the {limit}-byte limit")
+            raise _too_large(limit)
         if self._continue:  # the handler wants it: now the client may send it
             self._continue = False
             self._conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -136,7 +138,7 @@ class Request:
             log.info("%s %s: client gave up sending its body", self.method, self.path)
             raise BodyError(400, "body_incomplete", "the body ended before its length")
         if self._too_large:
-            raise BodyError(413, "body_too_large", f"body is over the {limit}-byte limit")
+            raise _too_large(limit)
         return self._body
 
     # -- fed by the connection --------------------------------------------------------------
@@ -158,6 +160,10 @@ class Request:
         self._lost = True
         if self._done is not None and not self._done.done():
             self._done.set_result(None)
+
+
+def _too_large(limit: int) -> BodyError:
+    return BodyError(413, "body_too_large", f"body is over the {limit}-byte limit")
 
 
 Handler = Callable[[Request], Awaitable[Reply]]
