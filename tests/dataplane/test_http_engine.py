@@ -91,6 +91,10 @@ def test_expect_continue_gets_100_once_authenticated(
     assert app.calls("/charge")[-1]["body"] == {}
 
 
+BIG = bytes(range(256)) * 1200  # 300 KB: over what is held whole
+RELEASE = threading.Event()
+
+
 class _Upstream(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -100,8 +104,10 @@ class _Upstream(socketserver.ThreadingTCPServer):
 def odd_upstream() -> Iterator[tuple[int, list[str]]]:
     """An HTTP/1.1 server with odd but legal habits, by path: /chunked answers in chunks,
     /until-close has no length and closes, /head answers HEAD with a length and no body,
-    anything else answers with a length and then closes the kept-alive connection a
-    moment later (as servers do with idle ones). Records every request line."""
+    /big answers 300 KB with a length, /stream sends "first", then "second" only once the
+    test says so (RELEASE), anything else answers with a length and then closes the
+    kept-alive connection a moment later (as servers do with idle ones). Records every
+    request line."""
     seen: list[str] = []
 
     class Handler(socketserver.StreamRequestHandler):
@@ -123,6 +129,15 @@ def odd_upstream() -> Iterator[tuple[int, list[str]]]:
                 elif path == b"/until-close":
                     self.wfile.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it")
                     return
+                elif path == b"/big":
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+                                     % (len(BIG), BIG))  # fmt: skip
+                elif path == b"/stream":
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                     b"5\r\nfirst\r\n")  # fmt: skip
+                    self.wfile.flush()
+                    RELEASE.wait(20)
+                    self.wfile.write(b"6\r\nsecond\r\n0\r\n\r\n")
                 elif path == b"/head":
                     head = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\nX-Head: y\r\n\r\n"
                     self.wfile.write(head)
@@ -149,7 +164,7 @@ def test_upstream_answers_in_chunks_until_close_and_to_head(
                              ACCORD_HTTP_ENGINE="fast")  # fmt: skip
     status, body, headers = request("GET", f"{sidecar.api}/v1/invoke/odd/chunked", raw=True)
     assert (status, body) == (200, "hello world")
-    assert "Transfer-Encoding" not in headers  # our own framing: a length
+    assert headers.get("Transfer-Encoding") == "chunked"  # of unknown length: streamed on
     status, body, _ = request("GET", f"{sidecar.api}/v1/invoke/odd/until-close", raw=True)
     assert (status, body) == (200, "all of it")
     status, body, headers = request("HEAD", f"{sidecar.api}/v1/invoke/odd/head", raw=True)
@@ -189,3 +204,42 @@ def test_a_chunked_body_over_the_limit_is_refused_even_once_it_arrived_whole(
                     b"Transfer-Encoding: chunked\r\n\r\n" + chunked)  # fmt: skip
     assert got.startswith(b"HTTP/1.1 413 "), got
     assert app.calls("/big") == []
+
+
+def test_a_big_or_slow_answer_is_streamed_on_as_it_arrives(
+    spawn: Callable[..., Any], odd_upstream: tuple[int, list[str]]
+) -> None:
+    """The caller gets the first part of an answer while the upstream still holds the rest
+    (it sends the rest only once the caller has the first); a 300 KB answer arrives whole;
+    the pooled connection is fit for the next call after each."""
+    port, _ = odd_upstream
+    sidecar: Sidecar = spawn(Sidecar, "caller", ACCORD_SERVICES=f"odd=127.0.0.1:{port}",
+                             ACCORD_HTTP_ENGINE="fast")  # fmt: skip
+    RELEASE.clear()
+    with socket.create_connection(("127.0.0.1", sidecar.http_port), timeout=10) as s:
+        s.sendall(b"GET /v1/invoke/odd/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+        got = b""
+        while b"first" not in got:
+            got += s.recv(65536)  # would time out if the sidecar waited for the whole body
+        assert got.startswith(b"HTTP/1.1 200 ") and b"Transfer-Encoding: chunked" in got
+        RELEASE.set()
+        while not got.endswith(b"0\r\n\r\n"):
+            got += s.recv(65536)
+        assert b"6\r\nsecond\r\n" in got
+        # The same client connection goes on.
+        s.sendall(b"GET /v1/invoke/odd/big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        rest = b""
+        while chunk := s.recv(65536):
+            rest += chunk
+    head, _, body = rest.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    chunks, data = body, b""
+    while chunks:  # de-chunk
+        size_line, _, chunks = chunks.partition(b"\r\n")
+        size = int(size_line, 16)
+        data, chunks = data + chunks[:size], chunks[size + 2 :]
+        if size == 0:
+            break
+    assert data == BIG
+    status, text, _ = request("GET", f"{sidecar.api}/v1/invoke/odd/chunked", raw=True)
+    assert (status, text) == (200, "hello world")

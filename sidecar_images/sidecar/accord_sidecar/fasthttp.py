@@ -32,12 +32,17 @@ _NO_BODY = frozenset({204, 304})
 
 
 class Reply:
-    """A response built without aiohttp: status, headers (name, value) and body."""
+    """A response built without aiohttp: status, headers (name, value) and body (bytes, or a
+    BodyStream still arriving from an upstream)."""
 
     __slots__ = ("body", "close", "headers", "status")
 
     def __init__(
-        self, status: int, headers: list[tuple[str, str]], body: bytes, close: bool = False
+        self,
+        status: int,
+        headers: list[tuple[str, str]],
+        body: bytes | BodyStream,
+        close: bool = False,
     ) -> None:
         self.status, self.headers, self.body, self.close = status, headers, body, close
 
@@ -193,6 +198,8 @@ class ServerConnection(asyncio.Protocol):
         self.deadline: asyncio.TimerHandle | None = None
         self._header: list[tuple[str, str]] = []
         self._url = b""
+        self.writable = asyncio.Event()  # False while the client's socket buffer is full
+        self.writable.set()
 
     # -- asyncio.Protocol -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -213,6 +220,7 @@ class ServerConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
+        self.writable.set()  # a body being streamed here stops at its next chunk
         self.server.connections.discard(self)
         self.server.changed.set()
         self._cancel_deadline()
@@ -281,6 +289,9 @@ class ServerConnection(asyncio.Protocol):
     async def _serve(self, request: Request) -> None:
         try:
             response = await self.handler(request)
+            if isinstance(response.body, BodyStream):
+                await self._send_stream(request, response)
+                return
         except BodyError as exc:
             response = _error(exc.status, exc.code, exc.message, close=True)
         except Exception as exc:
@@ -298,25 +309,68 @@ class ServerConnection(asyncio.Protocol):
             self.queue.popleft()
         self.busy = False
         self.server.changed.set()
-        status, headers, body = response.status, response.headers, response.body
+        status, body = response.status, response.body
+        close = self._closes(request, response)
+        head = self._head(status, response.headers, close)
+        if status not in _NO_BODY:
+            head.insert(-1, b"Content-Length: %d\r\n" % len(body))  # type: ignore[arg-type]
+        if request.method != "HEAD" and status not in _NO_BODY:
+            head.append(body)  # type: ignore[arg-type]
+        self.write(b"".join(head))
+        self._after(close)
+
+    async def _send_stream(self, request: Request, response: Reply) -> None:
+        """An answer whose body is still arriving (a BodyStream): chunked to an HTTP/1.1
+        client, else until the connection closes; the upstream waits while this client
+        reads slowly. A body cut off upstream cuts this answer off too (the connection
+        closes before its end)."""
+        body = response.body
+        assert isinstance(body, BodyStream)
+        chunked = request.version == "1.1"
+        close = self._closes(request, response) or not chunked
+        head = self._head(response.status, response.headers, close)
+        if chunked:
+            head.insert(-1, b"Transfer-Encoding: chunked\r\n")
+        self.write(b"".join(head))
+        try:
+            async for chunk in body:
+                if self.closing:
+                    raise ConnectionError("the client went away")
+                if chunk and request.method != "HEAD":
+                    self.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+                await self.writable.wait()
+            if chunked:
+                self.write(b"0\r\n\r\n")
+        except Exception as exc:  # cut off upstream, or too late: no clean end for this one
+            log.info("%s %s: the answer's body was cut off: %s", request.method, request.path, exc)
+            body.discard()
+            close = True
+        if self.queue and self.queue[0] is request:
+            self.queue.popleft()
+        self.busy = False
+        self.server.changed.set()
+        self._after(close)
+
+    def _closes(self, request: Request, response: Reply) -> bool:
         # A body not read to its end cannot be skipped over: the connection closes.
-        close = (
+        return (
             response.close
             or not request.keep_alive
             or not request.body_complete
             or self.closing
             or self.server.stopping
         )
+
+    @staticmethod
+    def _head(status: int, headers: list[tuple[str, str]], close: bool) -> list[bytes]:
         head = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown")),
                 _header_lines(headers)]  # fmt: skip
-        if status not in _NO_BODY:
-            head.append(b"Content-Length: %d\r\n" % len(body))
         if close:
             head.append(b"Connection: close\r\n")
         head.append(b"\r\n")
-        if request.method != "HEAD" and status not in _NO_BODY:
-            head.append(body)
-        self.write(b"".join(head))
+        return head
+
+    def _after(self, close: bool) -> None:
         if close:
             self._close()
             return
@@ -326,6 +380,12 @@ class ServerConnection(asyncio.Protocol):
             self._next()
         else:  # the next request's headers, from now (perhaps begun already)
             self._expect_headers()
+
+    def pause_writing(self) -> None:  # the client reads slower than we write
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -439,6 +499,67 @@ class _Answer:
         self.body: list[bytes] = []
 
 
+STREAM_OVER = 64 * 1024  # an answer bigger than this, or of unknown length, may be streamed
+_HIGH_WATER = 1 << 20  # bytes of a streamed body held here before the upstream is paused
+
+
+class BodyStream:
+    """The body of an answer still arriving: iterate to get its chunks as they come (the
+    upstream is paused while more than _HIGH_WATER bytes wait here). The connection goes
+    back to its pool once the body is read to its end, or is closed if it is not."""
+
+    def __init__(self, conn: ClientConnection, release: Callable[[bool], None]) -> None:
+        self.conn = conn
+        self.release = release
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.held = 0
+        self.finished = False  # the whole body arrived
+        self.error: Exception | None = None
+        self.wake = asyncio.Event()
+        self.reusable = False
+
+    # fed by the connection
+    def feed(self, chunk: bytes) -> None:
+        self.chunks.append(chunk)
+        self.held += len(chunk)
+        if self.held > _HIGH_WATER and self.conn.transport is not None:
+            self.conn.transport.pause_reading()
+        self.wake.set()
+
+    def finish(self, reusable: bool) -> None:
+        self.finished, self.reusable = True, reusable
+        self.wake.set()
+
+    def fail(self, exc: Exception) -> None:
+        if not self.finished:
+            self.error = exc
+            self.wake.set()
+
+    # read by the server
+    def __aiter__(self) -> BodyStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        while not self.chunks:
+            if self.error is not None:
+                self.release(False)
+                raise self.error
+            if self.finished:
+                self.release(self.reusable)
+                raise StopAsyncIteration
+            self.wake.clear()
+            await self.wake.wait()
+        chunk = self.chunks.popleft()
+        self.held -= len(chunk)
+        if self.held <= _HIGH_WATER // 2 and self.conn.transport is not None:
+            self.conn.transport.resume_reading()
+        return chunk
+
+    def discard(self) -> None:
+        """Not to be read (the call is tried again): the connection is closed."""
+        self.release(False)
+
+
 class ClientConnection(asyncio.Protocol):
     """One keep-alive connection to an upstream; one request on it at a time."""
 
@@ -454,6 +575,10 @@ class ClientConnection(asyncio.Protocol):
         self.framed = False  # the answer has a Content-Length or Transfer-Encoding
         self.head = False  # the request was HEAD: its answer has no body, whatever it says
         self.idle_since = 0.0
+        self.length: int | None = None  # the answer's Content-Length (None: unknown)
+        self.may_stream: Callable[[bool], None] | None = None  # release, when it may stream
+        self.stream: BodyStream | None = None
+        self.exchange: asyncio.Future[bool] | None = None  # the exchange not yet released
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -467,6 +592,11 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.stream is not None:
+            if self.headers_done and self.until_close:
+                self.stream.finish(False)
+            else:
+                self.stream.fail(UpstreamError("unreachable", "the answer's body was cut off"))
         if self.done is not None and not self.done.done():
             if self.headers_done and self.until_close:
                 self.done.set_result(False)
@@ -483,6 +613,8 @@ class ClientConnection(asyncio.Protocol):
             self.answer.headers.append((name.decode("latin-1"), value.decode("latin-1")))
             if len(name) in (14, 17) and name.lower() in (b"content-length", b"transfer-encoding"):
                 self.framed = True
+                if len(name) == 14 and value.isdigit():
+                    self.length = int(value)  # else chunked: of unknown length
 
     def on_headers_complete(self) -> None:
         self.headers_done = True
@@ -493,12 +625,24 @@ class ClientConnection(asyncio.Protocol):
         # HEAD: the parser would wait for the body it announces. Done, and not reused.
         if self.head and self.answer.status >= 200 and self.done and not self.done.done():
             self.done.set_result(False)
+            return
+        # A big body, or one of unknown length: handed on as it arrives, not held whole.
+        big = self.length is None or self.length > STREAM_OVER
+        if self.may_stream is not None and self.answer.status >= 200 and big:
+            self.stream = BodyStream(self, self.may_stream)
+            if self.done and not self.done.done():
+                self.done.set_result(False)
 
     def on_body(self, body: bytes) -> None:
-        if self.answer is not None:
+        if self.stream is not None:
+            self.stream.feed(body)
+        elif self.answer is not None:
             self.answer.body.append(body)
 
     def on_message_complete(self) -> None:
+        if self.stream is not None:
+            self.stream.finish(self.parser.should_keep_alive())
+            return
         if self.done is not None and not self.done.done():
             if self.answer is not None and 100 <= self.answer.status < 200:
                 self.answer, self.headers_done, self.framed = _Answer(), False, False  # interim
@@ -506,6 +650,8 @@ class ClientConnection(asyncio.Protocol):
             self.done.set_result(self.parser.should_keep_alive())
 
     def _fail(self, exc: Exception) -> None:
+        if self.stream is not None:
+            self.stream.fail(exc)
         if self.done is not None and not self.done.done():
             self.done.set_exception(exc)
         if self.transport is not None:
@@ -537,10 +683,13 @@ class Upstream:
         body: bytes,
         timeout_s: float,
         replayable: bool = True,
-    ) -> tuple[int, list[tuple[str, str]], bytes]:
+        stream: bool = False,
+    ) -> tuple[int, list[tuple[str, str]], bytes | BodyStream]:
         """(status, headers, body). UpstreamError when there is no answer. `replayable`:
         the request may be sent again on a fresh connection when a reused one turns out
-        closed before any byte of the answer came (the upstream dropped it while idle)."""
+        closed before any byte of the answer came (the upstream dropped it while idle).
+        `stream`: a body over STREAM_OVER bytes, or of unknown length, comes as a
+        BodyStream (within the same timeout, counted to its end)."""
         head = [b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (
             method.encode("ascii"), target.encode("latin-1"), self.authority),
             _header_lines(headers.items() if hasattr(headers, "items") else headers)]  # fmt: skip
@@ -556,7 +705,7 @@ class Upstream:
             conn, reused = await self._connection(deadline, timeout_s)
             conn.head = method == "HEAD"
             try:
-                return await self._exchange(conn, data, deadline, timeout_s)
+                return await self._exchange(conn, data, deadline, timeout_s, stream)
             except UpstreamError as exc:
                 if exc.code != "timeout" and reused and not conn.received and replayable:
                     continue  # closed while idle: once more, on another connection
@@ -582,30 +731,43 @@ class Upstream:
         return conn, False
 
     async def _exchange(
-        self, conn: ClientConnection, data: bytes, deadline: float, timeout_s: float
-    ) -> tuple[int, list[tuple[str, str]], bytes]:
+        self, conn: ClientConnection, data: bytes, deadline: float, timeout_s: float,
+        stream: bool = False,
+    ) -> tuple[int, list[tuple[str, str]], bytes | BodyStream]:  # fmt: skip
         assert conn.transport is not None
         loop = asyncio.get_running_loop()
         conn.answer = _Answer()
         conn.received = conn.headers_done = conn.until_close = conn.framed = False
-        done = conn.done = loop.create_future()
+        conn.length, conn.stream = None, None
+        done = conn.done = conn.exchange = loop.create_future()
         # A timer rather than asyncio.timeout: one handle, the cheapest way on this path.
-        timer = loop.call_at(deadline, _time_out, done, timeout_s)
+        timer = loop.call_at(deadline, _time_out, conn, timeout_s)
+
+        def release(reusable: bool) -> None:  # the exchange is over, its body read or not
+            if conn.exchange is not done:
+                return  # released already
+            conn.exchange = None
+            timer.cancel()
+            conn.stream = None
+            if reusable and not conn.closed and len(self.idle) < MAX_IDLE:
+                conn.idle_since = time.monotonic()
+                self.idle.append(conn)
+            else:
+                conn.close()
+
+        conn.may_stream = release if stream else None
         try:
             conn.transport.write(data)
             reusable = await done
         except BaseException:
+            timer.cancel()
             conn.close()  # half-way through an exchange: never reused
             raise
-        finally:
-            timer.cancel()
         answer, conn.answer, conn.done = conn.answer, None, None
         assert answer is not None
-        if reusable and not conn.closed and len(self.idle) < MAX_IDLE:
-            conn.idle_since = time.monotonic()
-            self.idle.append(conn)
-        else:
-            conn.close()
+        if conn.stream is not None:  # released when the stream is read to its end
+            return answer.status, answer.headers, conn.stream
+        release(reusable)
         return answer.status, answer.headers, b"".join(answer.body)
 
     def close(self) -> None:
@@ -614,9 +776,13 @@ class Upstream:
         self.idle.clear()
 
 
-def _time_out(done: asyncio.Future[bool], timeout_s: float) -> None:
-    if not done.done():
-        done.set_exception(UpstreamError("timeout", f"no answer within {timeout_s:g}s"))
+def _time_out(conn: ClientConnection, timeout_s: float) -> None:
+    late = UpstreamError("timeout", f"no answer within {timeout_s:g}s")
+    if conn.stream is not None:  # the body is late: what was handed on stays cut off
+        conn.stream.fail(late)
+        conn.close()
+    elif conn.done is not None and not conn.done.done():
+        conn.done.set_exception(late)
 
 
 class Pool:

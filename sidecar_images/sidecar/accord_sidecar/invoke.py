@@ -16,7 +16,7 @@ import accord_wire as wire
 from accord_sidecar import metrics
 from accord_sidecar.config import SERVICE, Config
 from accord_sidecar.errors import error, read_body
-from accord_sidecar.fasthttp import Pool, Reply, Upstream, UpstreamError
+from accord_sidecar.fasthttp import BodyStream, Pool, Reply, Upstream, UpstreamError
 from accord_sidecar.resiliency import (
     CircuitBreaker,
     RetryBudget,
@@ -221,6 +221,8 @@ class Invoker:
             if not target.breaker.allow():
                 metrics.BREAKER_REJECTED.labels(target.label).inc()
                 break
+            if isinstance(resp_body, BodyStream):
+                resp_body.discard()  # an answer not given: its connection is not reused
             metrics.RETRIES.labels(target.label).inc()
             attempt += 1
         if failure is not None:
@@ -239,13 +241,14 @@ class Invoker:
         headers: list[tuple[str, str]],
         body: bytes,
         replayable: bool,
-    ) -> tuple[int, list[tuple[str, str]], bytes, tuple[str, str] | None]:
+    ) -> tuple[int, list[tuple[str, str]], bytes | BodyStream, tuple[str, str] | None]:
         if target.upstream is not None:
             upstream, prefix = target.upstream
             try:
                 status, answer, data = await upstream.request(
-                    method, f"{prefix}/{rest}", headers, body, target.timeout_s, replayable
-                )
+                    method, f"{prefix}/{rest}", headers, body, target.timeout_s, replayable,
+                    stream=True,  # a big answer goes on to the caller as it arrives
+                )  # fmt: skip
             except UpstreamError as exc:
                 return 0, [], b"", (exc.code, str(exc))
             return status, answer, data, None
