@@ -7,13 +7,13 @@ import logging
 from typing import Any
 
 from accord_sidecar import fasthttp
-from accord_sidecar.fasthttp import Reply, json_reply
+from accord_sidecar.fasthttp import Reply
 
 log = logging.getLogger("accord.sidecar.http")
 
 
 def error(status: int, code: str, message: str) -> Reply:
-    return json_reply({"error": {"code": code, "message": message}}, status)
+    return fasthttp.error_reply(status, code, message)
 
 
 async def read_body(request: Any, limit: int, timeout_s: float = 60) -> bytes | Reply:

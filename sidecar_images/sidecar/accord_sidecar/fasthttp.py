@@ -293,22 +293,19 @@ class ServerConnection(asyncio.Protocol):
                 await self._send_stream(request, response)
                 return
         except BodyError as exc:
-            response = _error(exc.status, exc.code, exc.message, close=True)
+            response = error_reply(exc.status, exc.code, exc.message, close=True)
         except Exception as exc:
             log.exception("unhandled error on %s %s", request.method, request.path)
-            response = _error(500, "internal", type(exc).__name__, close=True)
+            response = error_reply(500, "internal", type(exc).__name__, close=True)
         self._send(request, response)
 
     def _reply_now(self, request: Request, status: int, code: str, message: str) -> None:
         if not self.busy and self.queue and self.queue[0] is request:
             self.busy = True
-            self._send(request, _error(status, code, message, close=True))
+            self._send(request, error_reply(status, code, message, close=True))
 
     def _send(self, request: Request, response: Reply) -> None:
-        if self.queue and self.queue[0] is request:
-            self.queue.popleft()
-        self.busy = False
-        self.server.changed.set()
+        self._answered(request)
         status, body = response.status, response.body
         close = self._closes(request, response)
         head = self._head(status, response.headers, close)
@@ -345,11 +342,14 @@ class ServerConnection(asyncio.Protocol):
             log.info("%s %s: the answer's body was cut off: %s", request.method, request.path, exc)
             body.discard()
             close = True
+        self._answered(request)
+        self._after(close)
+
+    def _answered(self, request: Request) -> None:
         if self.queue and self.queue[0] is request:
             self.queue.popleft()
         self.busy = False
         self.server.changed.set()
-        self._after(close)
 
     def _closes(self, request: Request, response: Reply) -> bool:
         # A body not read to its end cannot be skipped over: the connection closes.
@@ -426,18 +426,20 @@ def _header_lines(headers: Iterable[tuple[str, str]]) -> bytes:
         return text.encode("utf-8")
 
 
-def _error(status: int, code: str, message: str, close: bool = False) -> Reply:
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
-    return Reply(status, [("Content-Type", "application/json; charset=utf-8")], body, close)
+def error_reply(status: int, code: str, message: str, close: bool = False) -> Reply:
+    """The sidecar's error shape (errors.error, which imports this module)."""
+    reply = json_reply({"error": {"code": code, "message": message}}, status)
+    reply.close = close
+    return reply
 
 
 def _wire_error(status: int, code: str, message: str) -> bytes:
-    r = _error(status, code, message)
-    return (
-        b"HTTP/1.1 %d %s\r\nContent-Type: application/json; charset=utf-8\r\n"
-        b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
-        % (status, _REASONS.get(status, b"Unknown"), len(r.body), r.body)
-    )
+    """An error answer as bytes, for a connection with no request to answer (then closed)."""
+    reply = error_reply(status, code, message)
+    assert isinstance(reply.body, bytes)
+    head = ServerConnection._head(status, reply.headers, close=True)
+    head.insert(-1, b"Content-Length: %d\r\n" % len(reply.body))
+    return b"".join([*head, reply.body])
 
 
 class Server:
