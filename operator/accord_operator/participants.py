@@ -82,6 +82,7 @@ class Participants:
         self.audience_token = audience_token
         self._session: aiohttp.ClientSession | None = None
         self._services: dict[tuple[str, str, int], tuple[float, str]] = {}
+        self._lookups: dict[tuple[str, str, int], asyncio.Future[str]] = {}
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -94,11 +95,21 @@ class Participants:
             await self._session.close()
 
     async def base_url(self, namespace: str, service: str, port: int) -> str:
-        """ClusterIP -> name.namespace.svc:port; ExternalName -> externalName:port."""
+        """ClusterIP -> name.namespace.svc:port; ExternalName -> externalName:port. Cached
+        for a few seconds; callers that miss at once share one lookup (a busy operator sent
+        one GET per call when the entry ran out)."""
         key = (namespace, service, port)
         cached = self._services.get(key)
         if cached and time.monotonic() - cached[0] < _CACHE_TTL_S:
             return cached[1]
+        lookup = self._lookups.get(key)
+        if lookup is None:
+            lookup = asyncio.ensure_future(self._lookup(namespace, service, port))
+            self._lookups[key] = lookup
+            lookup.add_done_callback(lambda _: self._lookups.pop(key, None))
+        return await asyncio.shield(lookup)
+
+    async def _lookup(self, namespace: str, service: str, port: int) -> str:
         try:
             svc = await self.api.get(f"/api/v1/namespaces/{namespace}/services/{service}")
         except ApiError as exc:
@@ -112,7 +123,7 @@ class Participants:
             else f"{service}.{namespace}.svc"
         )
         url = f"http://{host}:{port}"
-        self._services[key] = (time.monotonic(), url)
+        self._services[(namespace, service, port)] = (time.monotonic(), url)
         return url
 
     async def _auth(self) -> dict[str, str]:

@@ -16,7 +16,7 @@ from accord_operator.twophase import admission
 
 def register_webhooks(registry: kopf.OperatorRegistry) -> None:
     @kopf.on.validate(
-        GROUP, VERSION, TWO_PHASE.plural, id="tpc-payloads", operations=["CREATE", "UPDATE"],
+        GROUP, VERSION, TWO_PHASE.plural, id="tpc-payloads", operations=["CREATE"],
         registry=registry,
     )  # fmt: skip
     async def tpc_payloads(spec: kopf.Spec, **_: Any) -> None:
