@@ -3,6 +3,7 @@ participants with their own databases, behind real sidecars (the fence)."""
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -51,7 +52,8 @@ def test_all_vote_commit_and_every_participant_commits(bed: TpcBed) -> None:
     assert bed.outcomes(uid) == {"ledger-a": "committed", "ledger-b": "committed"}
     a, b = (bed.participants[n].ledger.state() for n in ("ledger-a", "ledger-b"))
     assert a["balances"] == {"alice": 5_000} and b["balances"] == {"bob": 5_000}
-    assert bed.events("t1") == ["Preparing", "DecidedCommit", "Committed"]
+    # Votes back within a second: no Preparing write, the decision is the first one.
+    assert bed.events("t1") == ["DecidedCommit", "Committed"]
     assert op.metric("accord_transactions_total", outcome="Committed") == 1
     assert op.metric("accord_transaction_decisions_total", decision="Commit") == 1
     # Finished: our finalizer is gone, and deleting it takes no time.
@@ -68,7 +70,7 @@ def test_one_abort_vote_aborts_everywhere(bed: TpcBed) -> None:
     assert bed.outcomes(uid) == {"ledger-a": "aborted", "ledger-b": "aborted"}
     assert bed.participants["ledger-b"].ledger.state()["holds"] == {}  # released
     assert {c["type"]: c["status"] for c in st["conditions"]}["Stalled"] == "True"
-    assert bed.events("t2") == ["Preparing", "DecidedAbort", "Aborted"]
+    assert bed.events("t2") == ["DecidedAbort", "Aborted"]
 
 
 def test_a_participant_that_does_not_vote_in_time_aborts_it(bed: TpcBed) -> None:
@@ -84,6 +86,7 @@ def test_a_participant_that_does_not_vote_in_time_aborts_it(bed: TpcBed) -> None
 
 
 def test_the_operator_killed_before_deciding_presumes_abort(bed: TpcBed) -> None:
+    # ledger-b takes 3 s to vote: phase 1 is stored as Preparing after a second.
     bed.participants["ledger-b"].ledger.behave(delayMs=3000)
     op = bed.start_operator()
     uid = bed.apply(_transfer(bed, "t4", 1_000, prepareTimeoutSeconds=30))["metadata"]["uid"]
@@ -96,6 +99,27 @@ def test_the_operator_killed_before_deciding_presumes_abort(bed: TpcBed) -> None
     st = bed.wait("t4", "Aborted")["status"]
     assert "presumed abort" in st["reason"]
     wait_until(lambda: bed.outcomes(uid) == {"ledger-a": "aborted", "ledger-b": "aborted"})
+    assert bed.events("t4") == ["Preparing", "DecidedAbort", "Aborted"]
+
+
+def test_the_operator_killed_before_phase_one_was_stored_prepares_again(bed: TpcBed) -> None:
+    """Killed while the prepares were out and nothing was stored yet (phase 1 is not written
+    ahead): the next operator runs phase 1 again. ledger-a answers its second prepare with
+    the vote its fence recorded, without asking the app again."""
+    ledger_b = bed.participants["ledger-b"].ledger
+    ledger_b.behave(delayMs=600)  # answers within the second: Preparing is never stored
+    op = bed.start_operator()
+    uid = bed.apply(_transfer(bed, "t4b", 1_000))["metadata"]["uid"]
+    wait_until(lambda: ledger_b.state()["calls"].get("prepare"), interval=0.02)
+    op.proc.send_signal(signal.SIGSTOP)  # frozen at once: it writes nothing more
+    op.proc.kill()
+    op.proc.wait()
+    assert "phase" not in (bed.get("t4b").get("status") or {}), "stored before the kill"
+    bed.start_operator()
+    st = bed.wait("t4b", "Committed")["status"]
+    assert st["decision"] == "Commit"
+    assert bed.outcomes(uid) == {"ledger-a": "committed", "ledger-b": "committed"}
+    assert bed.participants["ledger-a"].ledger.state()["calls"]["prepare"] == 1
 
 
 def test_the_operator_killed_mid_phase_two_finishes_with_the_same_decision(bed: TpcBed) -> None:
@@ -196,28 +220,41 @@ def test_the_fence_answers_abort_before_prepare_and_refuses_an_empty_commit(
     assert calls == {"prepare": 1, "commit": 1}  # only x3's, once each
 
 
-def test_a_participant_that_hears_nothing_reads_the_outcome_itself(
-    cluster: Cluster, namespace: str, tmp_path: Path
-) -> None:
-    """ledger-b voted commit; the coordinator died before its commit got through and never
-    came back. ledger-b's sidecar reads the transaction with its own service account (get
-    on twophasetransactions in its namespace, nothing more) and applies the decision."""
-    cluster.kubectl("create", "serviceaccount", "ledger-b", "-n", namespace)
+def _outcome_reader(
+    cluster: Cluster, namespace: str, tmp_path: Path, name: str, *, granted: bool = True
+) -> dict[str, dict[str, str]]:
+    """A service account for participant `name` that may get transactions in its namespace
+    (once granted: _grant_reading), and its sidecar's env to ask for outcomes after 1 s."""
+    cluster.kubectl("create", "serviceaccount", name, "-n", namespace)
     cluster.kubectl("create", "role", "tpc-reader", "--verb=get",
                     "--resource=twophasetransactions.accord.dev", "-n", namespace)  # fmt: skip
-    cluster.kubectl("create", "rolebinding", "tpc-reader", "--role=tpc-reader",
-                    f"--serviceaccount={namespace}:ledger-b", "-n", namespace)  # fmt: skip
-    token = tmp_path / "ledger-b.token"
-    token.write_text(cluster.kubectl("create", "token", "ledger-b", "-n", namespace).strip())
+    if granted:
+        _grant_reading(cluster, namespace, name)
+    token = tmp_path / f"{name}.token"
+    token.write_text(cluster.kubectl("create", "token", name, "-n", namespace).strip())
     assert cluster.cp.dir is not None
-    env = {
-        "ledger-b": {
+    return {
+        name: {
             "ACCORD_KUBE_API_URL": cluster.cp.server,
             "ACCORD_KUBE_CA_FILE": str(cluster.cp.dir / "pki" / "ca.crt"),
             "ACCORD_KUBE_TOKEN_FILE": str(token),
             "ACCORD_TPC_OUTCOME_AFTER_S": "1",
         }
     }
+
+
+def _grant_reading(cluster: Cluster, namespace: str, name: str) -> None:
+    cluster.kubectl("create", "rolebinding", "tpc-reader", "--role=tpc-reader",
+                    f"--serviceaccount={namespace}:{name}", "-n", namespace)  # fmt: skip
+
+
+def test_a_participant_that_hears_nothing_reads_the_outcome_itself(
+    cluster: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    """ledger-b voted commit; the coordinator died before its commit got through and never
+    came back. ledger-b's sidecar reads the transaction with its own service account (get
+    on twophasetransactions in its namespace, nothing more) and applies the decision."""
+    env = _outcome_reader(cluster, namespace, tmp_path, "ledger-b")
     with tpc_bed(cluster, namespace, tmp_path, "ledger-a", "ledger-b", sidecar_env=env) as bed:
         bed.participants["ledger-a"].ledger.deposit("alice", 10_000)
         ledger_b = bed.participants["ledger-b"].ledger
@@ -248,3 +285,45 @@ def test_a_participant_that_hears_nothing_reads_the_outcome_itself(
         assert "applied its recorded commit" in log
         # The app was told as the coordinator tells it: the transaction's name included.
         assert f"ledger-b: commit {namespace}/t8 ->" in ledger_b.log.read_text()
+
+
+def test_a_participant_whose_transaction_is_gone_presumes_abort(
+    cluster: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    """ledger-b voted commit, ledger-a refused (an overdraft). The abort to ledger-b is held
+    on the way and ledger-b's Service is deleted: the coordinator lets it go (nothing can be
+    held behind a Service that is gone) and the transaction ends Aborted; then it is
+    deleted. ledger-b's sidecar, never told, reads the transaction (once it may): gone, so
+    it presumes abort, as the coordinator would, and the hold is released."""
+    env = _outcome_reader(cluster, namespace, tmp_path, "ledger-b", granted=False)
+    with tpc_bed(cluster, namespace, tmp_path, "ledger-a", "ledger-b", sidecar_env=env) as bed:
+        bed.participants["ledger-a"].ledger.deposit("alice", 10_000)
+        bed.participants["ledger-a"].ledger.behave(delayMs=500)  # ledger-b votes first
+        ledger_b = bed.participants["ledger-b"].ledger
+        port = free_port()
+        link = Process(
+            [sys.executable, str(SLOW_LINK), "--port", str(port), "--target",
+             bed.participants["ledger-b"].sidecar.inbound, "--hold", "/abort=60000"],
+            tmp_path / "slow-link.log",
+        ).start()  # fmt: skip
+        try:
+            assert link.proc is not None
+            _wait_port(port, link.proc, link.log)
+            bed.start_operator()
+            tx = _transfer(bed, "t9", 50_000, commitTimeoutSeconds=2)
+            tx["spec"]["participants"][1]["port"] = port
+            uid = bed.apply(tx)["metadata"]["uid"]
+            wait_until(lambda: uid in ledger_b.state()["holds"])
+            bed.cluster.kubectl("delete", "service", "ledger-b", "-n", namespace)
+            st = bed.wait("t9", "Aborted", timeout=60)["status"]
+            b = st["participants"][1]
+            assert b["acked"] is True and "not found" in b["lastError"], b
+            assert uid in ledger_b.state()["holds"]  # still held: never told
+            bed.cluster.kubectl("delete", "tpc", "t9", "-n", namespace, "--wait=true")
+            _grant_reading(cluster, namespace, "ledger-b")
+            wait_until(lambda: uid not in ledger_b.state()["holds"], timeout=30)
+        finally:
+            link.close()
+        assert uid in ledger_b.state()["aborted"]
+        log = bed.participants["ledger-b"].sidecar.log.read_text()
+        assert "is gone: presumed abort" in log and "applied its recorded abort" in log

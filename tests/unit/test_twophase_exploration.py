@@ -1,7 +1,8 @@
 """Every interleaving, to a bound: the pure 2PC coordinator (twophase.machine) and the pure
 participant fence (accord_sidecar.fence), with two participants, two coordinators that may
 race on one object, messages duplicated, lost (a timeout) or delivered in any order,
-coordinators and participants' sidecars crashing, and time passing the prepare deadline.
+coordinators and participants' sidecars crashing, the transaction deleted (its coordinator
+starts again, told to abort), and time passing the prepare deadline.
 
 Asserted in every state reached: no participant's app commits while another's aborts (a vote
 to abort included); the stored decision, once written, never changes; no app commits without
@@ -33,7 +34,9 @@ class World:
     stored: str  # the status in the API server, as JSON
     version: int
     decisions: tuple[str, ...]  # every decision ever stored, in order
-    coords: tuple[tuple[Any, ...], ...]  # per coordinator: (status JSON, version, flying, fresh)
+    # per coordinator: (status JSON, version, flying, fresh)
+    coords: tuple[tuple[Any, ...], ...]
+    deleting: bool  # its deletion was asked: every coordinator drives it with deleting
     net: tuple[
         tuple[Any, ...], ...
     ]  # messages: ("req", c, p, kind) | ("rep", c, p, kind, vote, ok, retry)
@@ -41,14 +44,14 @@ class World:
     apps: tuple[str | None, ...]  # per participant: prepared | committed | aborted | refused
     now: int
     faults: int  # faults still allowed on this path
-    kinds: frozenset[str]  # which: duplicate, lose, coordinator, sidecar
+    kinds: frozenset[str]  # which: duplicate, lose, coordinator, sidecar, delete
 
 
 def _coordinator_round(w: World, c: int, outcome: Outcome | None) -> World:
     """One driver round of coordinator c: record a reply (if any), decide, write ahead
     (over the version it read), then send the calls not already in flight."""
     status_json, version, flying, fresh = w.coords[c]
-    machine = TpcMachine()
+    machine = TpcMachine(deleting=w.deleting)
     machine._recovering = fresh
     status = json.loads(status_json)
     if outcome is not None:
@@ -167,6 +170,11 @@ def successors(w: World) -> list[World]:
             coords[c] = (w.stored, w.version, (), True)
             net = tuple(m for m in w.net if not (m[0] == "rep" and m[1] == c))
             out.append(replace(w, coords=tuple(coords), net=net, faults=w.faults - 1))
+    if w.faults and "delete" in w.kinds and not w.deleting:
+        # Deleted: the supervisor drives it again, with deleting, from what is stored.
+        coords = tuple((w.stored, w.version, (), True) for _ in w.coords)
+        net = tuple(m for m in w.net if m[0] != "rep")
+        out.append(replace(w, coords=coords, net=net, deleting=True, faults=w.faults - 1))
     if w.now < 40:  # time passes (past the 30 s prepare deadline after two ticks)
         out.append(replace(w, now=w.now + 20))
     return out
@@ -197,7 +205,7 @@ def check(w: World) -> None:
             assert app != "prepared" or pending, w
 
 
-ALL = frozenset({"duplicate", "lose", "coordinator", "sidecar"})
+ALL = frozenset({"duplicate", "lose", "coordinator", "sidecar", "delete"})
 
 
 def explore(
@@ -209,6 +217,7 @@ def explore(
         version=0,
         decisions=(),
         coords=tuple(("{}", 0, (), True) for _ in range(coordinators)),
+        deleting=False,
         net=(),
         journals=(None, None),
         apps=(None, None),

@@ -6,10 +6,16 @@ deadline -> Abort. The decision goes into the status in the same write that mark
 phase-2 calls, so no commit or abort is sent before the decision is stored (the driver
 writes ahead). A decision, once stored, never changes: every later decide reads it.
 
-Recovery is presumed abort: a coordinator that starts on a transaction still Preparing
-(its predecessor died before deciding) decides Abort at once; one with a recorded decision
-finishes phase 2 with it. Two coordinators racing on one object write over the version they
-read (optimistic concurrency): the first decision stored wins and the other reads it.
+Phase 1 is not written ahead (presumed abort needs no record before the decision): a
+transaction whose votes all come back within PREPARING_SHOWN_AFTER_S goes from Pending
+straight to its decision in one write. One that takes longer is stored as Preparing then, so
+kubectl shows it. A coordinator that starts on a stored Pending transaction runs phase 1
+again (a prepare is idempotent at the fence: a participant prepared by a predecessor answers
+its recorded vote); one that starts on a stored Preparing transaction (its predecessor died
+before deciding) decides Abort at once; one with a recorded decision finishes phase 2 with
+it. An Abort decided without knowing what went out (that recovery, or a deletion) sends an
+abort to every participant. Two coordinators racing on one object write over the version
+they read (optimistic concurrency): the first decision stored wins and the other reads it.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ Status = dict[str, Any]
 Spec = Mapping[str, Any]
 
 TERMINAL = ("Committed", "Aborted")
+PREPARING_SHOWN_AFTER_S = 1.0  # phase 1 still undecided this long after it began: stored
 IN_DOUBT_AFTER = 5  # phase-2 attempts without an acknowledgement: the participant is in doubt
 ERROR_LIMIT = 4000
 PREPARE_RETRY_S = (0.2, 2.0)  # a transient prepare failure is tried again inside the deadline
@@ -122,30 +129,29 @@ def decide(
     if was in TERMINAL:
         return _finish(d, spec, generation, now, was)
     if "decision" not in st:
-        if was == "Pending":
-            if deleting:
-                # Nothing was ever sent: nothing is held anywhere.
-                _decide(d, "Abort", "deleted before it started", now)
-                for p in st["participants"]:
-                    p["acked"] = True
-            else:
-                st["phase"] = "Preparing"
-                st["startedAt"] = iso(now)
+        if deleting:
+            # A prepare may be out (phase 1 is not written ahead): abort everywhere.
+            _decide(d, "Abort", "deleted before a decision", now, sent_unknown=True)
+        elif was == "Pending":
+            st.setdefault("startedAt", iso(now))
+            if now >= epoch(st["startedAt"]) + PREPARING_SHOWN_AFTER_S:
+                st["phase"] = "Preparing"  # slow: stored, so kubectl shows it
                 d.events.append(("Normal", "Preparing", f"asking {len(names)} to prepare"))
         elif recovering:
-            _decide(d, "Abort", "the coordinator restarted before deciding (presumed abort)", now)
-        elif deleting:
-            _decide(d, "Abort", "deleted before a decision", now)
+            _decide(d, "Abort", "the coordinator restarted before deciding (presumed abort)",
+                    now, sent_unknown=True)  # fmt: skip
         if "decision" not in st:
             _phase_one(d, spec, parts, now)
+            if st.get("phase", "Pending") == "Pending" and d.wake_at is not None:
+                d.wake_at = min(d.wake_at, epoch(st["startedAt"]) + PREPARING_SHOWN_AFTER_S)
     if "decision" in st:
         _phase_two(d, spec, parts, now)
     marked = {p["name"]: p.get("call") for p in st["participants"]}
     before = {p["name"]: p.get("call") for p in status.get("participants") or []}
-    # Stored now only when a call starts (written ahead) or the phase or decision moves;
-    # votes and acknowledgements alone wait for that next write.
+    # Stored now only when a phase-2 call starts (written ahead) or the phase or decision
+    # moves; prepares (presumed abort), votes and acknowledgements wait for that next write.
     d.write = (
-        any(c and c != before.get(n) for n, c in marked.items())
+        any(c and c != "prepare" and c != before.get(n) for n, c in marked.items())
         or st.get("phase", "Pending") != was
         or st.get("decision") != status.get("decision")
         or bool(d.events)
@@ -187,15 +193,19 @@ def _phase_one(d: Decision, spec: Spec, parts: dict[str, dict[str, Any]], now: f
     d.wake_at = wake
 
 
-def _decide(d: Decision, outcome: str, reason: str, now: float) -> None:
+def _decide(
+    d: Decision, outcome: str, reason: str, now: float, *, sent_unknown: bool = False
+) -> None:
+    """sent_unknown: this coordinator cannot know which prepares went out (a predecessor's
+    are not written ahead): every participant counts as reached, and is sent the abort."""
     st = d.status
     st["decision"] = outcome
     st["decidedAt"] = iso(now)
     st["reason"] = reason[:ERROR_LIMIT]
     st["phase"] = "Committing" if outcome == "Commit" else "Aborting"
     for p in st["participants"]:
-        if p.get("call") == "prepare":
-            p.pop("call")  # a reply still on its way is only noted
+        if p.get("call") == "prepare" or sent_unknown:
+            p.pop("call", None)  # a reply still on its way is only noted
             p["reached"] = True
         p.pop("nextAttemptAt", None)
         p["phase2Attempts"] = 0
@@ -273,6 +283,12 @@ def record(
     if outcome.ok:
         p["acked"] = True
         p.pop("lastError", None)
+        p.pop("inDoubt", None)
+        return _finish(d, spec, generation, now, was)
+    if outcome.kind == "abort" and not outcome.reached:
+        # No Service: nothing can be held behind it. (A participant prepared before its
+        # Service went away learns the abort by reading the outcome itself.)
+        p["acked"] = True
         p.pop("inDoubt", None)
         return _finish(d, spec, generation, now, was)
     attempts = int(p.get("phase2Attempts", 1))

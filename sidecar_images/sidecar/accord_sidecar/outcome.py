@@ -20,8 +20,11 @@ GROUP_VERSION = "accord.dev/v1alpha1"
 
 
 async def decision_of(kube: KubeAccess, session: Any, ref: str, txid: str) -> str | None:
-    """The recorded decision, "Commit" or "Abort"; None when not decided, not found, or not
-    readable now."""
+    """The recorded decision, "Commit" or "Abort"; None when not decided or not readable now.
+
+    A transaction that is gone (404, or the name now holds another one) presumes abort: its
+    finalizer keeps it until every participant acknowledged phase 2, so a Commit can never
+    have been decided with this participant still waiting to hear it."""
     namespace, _, name = ref.partition("/")
     url = (
         f"{kube.config.kube_api_url}/apis/{GROUP_VERSION}/namespaces/{namespace}"
@@ -33,6 +36,9 @@ async def decision_of(kube: KubeAccess, session: Any, ref: str, txid: str) -> st
         async with session.get(
             url, headers=kube.headers(), ssl=kube.context(), timeout=aiohttp.ClientTimeout(total=5)
         ) as r:
+            if r.status == 404:
+                log.warning("transaction %s: %s is gone: presumed abort", txid, ref)
+                return "Abort"
             if r.status != 200:
                 log.warning("transaction %s: reading %s gave HTTP %s", txid, ref, r.status)
                 return None
@@ -41,8 +47,9 @@ async def decision_of(kube: KubeAccess, session: Any, ref: str, txid: str) -> st
         log.warning("transaction %s: cannot read %s: %s", txid, ref, exc)
         return None
     if (tx.get("metadata") or {}).get("uid") != txid:
-        log.warning("transaction %s: %s is now another transaction; waiting", txid, ref)
-        return None
+        log.warning("transaction %s: %s is now another transaction (it is gone): presumed "
+                    "abort", txid, ref)  # fmt: skip
+        return "Abort"
     decision = (tx.get("status") or {}).get("decision")
     return decision if decision in ("Commit", "Abort") else None
 
