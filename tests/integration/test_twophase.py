@@ -327,3 +327,49 @@ def test_a_participant_whose_transaction_is_gone_presumes_abort(
         assert uid in ledger_b.state()["aborted"]
         log = bed.participants["ledger-b"].sidecar.log.read_text()
         assert "is gone: presumed abort" in log and "applied its recorded abort" in log
+
+
+def test_the_operator_killed_after_deciding_before_phase_two_arrived_commits(
+    bed: TpcBed, tmp_path: Path
+) -> None:
+    """The decision is stored and the commits are on their way, held in the links to both
+    participants, when the operator is SIGKILLed and the links go down with what they held:
+    no participant heard phase 2. The next operator finishes it with the stored decision."""
+    ports = {name: free_port() for name in bed.participants}
+
+    def links(*holds: str) -> list[Process]:
+        started = []
+        for name, port in ports.items():
+            link = Process(
+                [sys.executable, str(SLOW_LINK), "--port", str(port), "--target",
+                 bed.participants[name].sidecar.inbound, *holds],
+                tmp_path / f"link-{name}-{len(holds)}.log",
+            ).start()  # fmt: skip
+            assert link.proc is not None
+            _wait_port(port, link.proc, link.log)
+            started.append(link)
+        return started
+
+    held = links("--hold", "/commit=60000")
+    op = bed.start_operator()
+    tx = _transfer(bed, "t10", 1_000)
+    for p in tx["spec"]["participants"]:
+        p["port"] = ports[p["name"]]
+    uid = bed.apply(tx)["metadata"]["uid"]
+    bed.cluster.wait_for("tpc", "t10", bed.namespace,
+                         lambda o: (o.get("status") or {}).get("decision") == "Commit")  # fmt: skip
+    op.proc.kill()
+    op.proc.wait()
+    for link in held:
+        link.close()  # what they held is gone: phase 2 reached no one
+    assert bed.outcomes(uid) == {"ledger-a": "held", "ledger-b": "held"}
+    assert bed.get("t10")["status"]["phase"] == "Committing"
+    open_links = links()
+    try:
+        bed.start_operator()
+        st = bed.wait("t10", "Committed")["status"]
+        assert st["decision"] == "Commit"
+        assert bed.outcomes(uid) == {"ledger-a": "committed", "ledger-b": "committed"}
+    finally:
+        for link in open_links:
+            link.close()
