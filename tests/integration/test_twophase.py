@@ -4,9 +4,9 @@ participants with their own databases, behind real sidecars (the fence)."""
 from __future__ import annotations
 
 import signal
-import sys
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -14,8 +14,7 @@ import pytest
 import accord_wire as wire
 from accord_operator.envtest.controlplane import free_port
 from tests.support.cluster import Cluster
-from tests.support.dataplane import Process, _wait_port, request, wait_until
-from tests.support.saga import SLOW_LINK
+from tests.support.dataplane import request, slow_link, wait_until
 from tests.support.tpc import TOKEN, TpcBed, tpc_bed
 
 pytestmark = pytest.mark.integration
@@ -259,15 +258,8 @@ def test_a_participant_that_hears_nothing_reads_the_outcome_itself(
         bed.participants["ledger-a"].ledger.deposit("alice", 10_000)
         ledger_b = bed.participants["ledger-b"].ledger
         # ledger-b is reached through a link that holds every commit for a minute.
-        port = free_port()
-        link = Process(
-            [sys.executable, str(SLOW_LINK), "--port", str(port), "--target",
-             bed.participants["ledger-b"].sidecar.inbound, "--hold", "/commit=60000"],
-            tmp_path / "slow-link.log",
-        ).start()  # fmt: skip
-        try:
-            assert link.proc is not None
-            _wait_port(port, link.proc, link.log)
+        target = bed.participants["ledger-b"].sidecar.inbound
+        with slow_link(target, tmp_path, "/commit=60000") as port:
             op = bed.start_operator()
             tx = _transfer(bed, "t8", 1_000)
             tx["spec"]["participants"][1]["port"] = port
@@ -279,8 +271,6 @@ def test_a_participant_that_hears_nothing_reads_the_outcome_itself(
             op.proc.kill()  # the coordinator is gone for good; its commit to b is held
             op.proc.wait()
             wait_until(lambda: uid in ledger_b.state()["committed"], timeout=30)
-        finally:
-            link.close()
         log = bed.participants["ledger-b"].sidecar.log.read_text()
         assert "applied its recorded commit" in log
         # The app was told as the coordinator tells it: the transaction's name included.
@@ -300,15 +290,8 @@ def test_a_participant_whose_transaction_is_gone_presumes_abort(
         bed.participants["ledger-a"].ledger.deposit("alice", 10_000)
         bed.participants["ledger-a"].ledger.behave(delayMs=500)  # ledger-b votes first
         ledger_b = bed.participants["ledger-b"].ledger
-        port = free_port()
-        link = Process(
-            [sys.executable, str(SLOW_LINK), "--port", str(port), "--target",
-             bed.participants["ledger-b"].sidecar.inbound, "--hold", "/abort=60000"],
-            tmp_path / "slow-link.log",
-        ).start()  # fmt: skip
-        try:
-            assert link.proc is not None
-            _wait_port(port, link.proc, link.log)
+        target = bed.participants["ledger-b"].sidecar.inbound
+        with slow_link(target, tmp_path, "/abort=60000") as port:
             bed.start_operator()
             tx = _transfer(bed, "t9", 50_000, commitTimeoutSeconds=2)
             tx["spec"]["participants"][1]["port"] = port
@@ -322,8 +305,6 @@ def test_a_participant_whose_transaction_is_gone_presumes_abort(
             bed.cluster.kubectl("delete", "tpc", "t9", "-n", namespace, "--wait=true")
             _grant_reading(cluster, namespace, "ledger-b")
             wait_until(lambda: uid not in ledger_b.state()["holds"], timeout=30)
-        finally:
-            link.close()
         assert uid in ledger_b.state()["aborted"]
         log = bed.participants["ledger-b"].sidecar.log.read_text()
         assert "is gone: presumed abort" in log and "applied its recorded abort" in log
@@ -336,40 +317,27 @@ def test_the_operator_killed_after_deciding_before_phase_two_arrived_commits(
     participants, when the operator is SIGKILLed and the links go down with what they held:
     no participant heard phase 2. The next operator finishes it with the stored decision."""
     ports = {name: free_port() for name in bed.participants}
-
-    def links(*holds: str) -> list[Process]:
-        started = []
+    with ExitStack() as held:
         for name, port in ports.items():
-            link = Process(
-                [sys.executable, str(SLOW_LINK), "--port", str(port), "--target",
-                 bed.participants[name].sidecar.inbound, *holds],
-                tmp_path / f"link-{name}-{len(holds)}.log",
-            ).start()  # fmt: skip
-            assert link.proc is not None
-            _wait_port(port, link.proc, link.log)
-            started.append(link)
-        return started
-
-    held = links("--hold", "/commit=60000")
-    op = bed.start_operator()
-    tx = _transfer(bed, "t10", 1_000)
-    for p in tx["spec"]["participants"]:
-        p["port"] = ports[p["name"]]
-    uid = bed.apply(tx)["metadata"]["uid"]
-    bed.cluster.wait_for("tpc", "t10", bed.namespace,
-                         lambda o: (o.get("status") or {}).get("decision") == "Commit")  # fmt: skip
-    op.proc.kill()
-    op.proc.wait()
-    for link in held:
-        link.close()  # what they held is gone: phase 2 reached no one
+            target = bed.participants[name].sidecar.inbound
+            held.enter_context(slow_link(target, tmp_path, "/commit=60000", port=port))
+        op = bed.start_operator()
+        tx = _transfer(bed, "t10", 1_000)
+        for p in tx["spec"]["participants"]:
+            p["port"] = ports[p["name"]]
+        uid = bed.apply(tx)["metadata"]["uid"]
+        decided = lambda o: (o.get("status") or {}).get("decision") == "Commit"  # noqa: E731
+        bed.cluster.wait_for("tpc", "t10", bed.namespace, decided)
+        op.proc.kill()
+        op.proc.wait()
+    # The links are down with what they held: phase 2 reached no one.
     assert bed.outcomes(uid) == {"ledger-a": "held", "ledger-b": "held"}
     assert bed.get("t10")["status"]["phase"] == "Committing"
-    open_links = links()
-    try:
+    with ExitStack() as links:
+        for name, port in ports.items():
+            target = bed.participants[name].sidecar.inbound
+            links.enter_context(slow_link(target, tmp_path, port=port))
         bed.start_operator()
         st = bed.wait("t10", "Committed")["status"]
         assert st["decision"] == "Commit"
         assert bed.outcomes(uid) == {"ledger-a": "committed", "ledger-b": "committed"}
-    finally:
-        for link in open_links:
-            link.close()

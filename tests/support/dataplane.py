@@ -12,6 +12,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from accord_operator.envtest.controlplane import die_with_parent, free_port
 from tests.support.cluster import REPO
 
 RECORDER = REPO / "examples" / "services" / "recorder.py"
+SLOW_LINK = Path(__file__).resolve().parent / "slow_link.py"
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 30) -> None:
@@ -179,6 +182,24 @@ class Sidecar(Process):
             if head == (f"{name}{{{want}}}" if want else name):
                 return float(value)
         return 0.0
+
+
+@contextmanager
+def slow_link(target: str, tmp: Path, *holds: str, port: int | None = None) -> Iterator[int]:
+    """A relay to `target` (tests/support/slow_link.py) that holds the paths in `holds`
+    ("PATH=MILLISECONDS", e.g. "/commit=60000") and delivers them even after the caller gave
+    up; yields its port. What it holds when it is closed is lost."""
+    port = port or free_port()
+    argv = [sys.executable, str(SLOW_LINK), "--port", str(port), "--target", target]
+    link = Process(argv + [a for h in holds for a in ("--hold", h)],
+                   tmp / f"slow-link-{port}-{len(holds)}.log")  # fmt: skip
+    try:
+        link.start()
+        assert link.proc is not None
+        _wait_port(port, link.proc, link.log)
+        yield port
+    finally:
+        link.close()
 
 
 PROJECTOR = REPO / "examples" / "services" / "projector.py"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -13,12 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from accord_operator.envtest import local_service
-from accord_operator.envtest.controlplane import free_port
 from tests.support.cluster import Cluster
-from tests.support.dataplane import Process, Recorder, Sidecar, _wait_port
+from tests.support.dataplane import Recorder, Sidecar, slow_link
 from tests.support.operator import OperatorProcess, run_operator
-
-SLOW_LINK = Path(__file__).resolve().parent / "slow_link.py"
 
 
 @dataclass
@@ -142,14 +138,8 @@ def slow_fenced_participant(
     sidecar = Sidecar(tmp, f"{service}-sidecar", ACCORD_APP_PORT=str(app.port),
                       ACCORD_SHARED_TOKEN=token,
                       ACCORD_DATA_DIR=str(tmp / f"{service}-data")).start()  # fmt: skip
-    port = free_port()
-    argv = [sys.executable, str(SLOW_LINK), "--port", str(port), "--target", sidecar.inbound]
-    link = Process(argv + [a for h in holds for a in ("--hold", h)], tmp / "slow-link.log")
     try:
-        link.start()
-        assert link.proc is not None
-        _wait_port(port, link.proc, link.log)
-        yield SlowFencedParticipant(port, sidecar, token)
+        with slow_link(sidecar.inbound, tmp, *holds) as port:
+            yield SlowFencedParticipant(port, sidecar, token)
     finally:
-        link.close()
         sidecar.close()
