@@ -36,7 +36,7 @@ async def decision_of(kube: KubeAccess, session: Any, ref: str, txid: str) -> st
         async with session.get(
             url, headers=kube.headers(), ssl=kube.context(), timeout=aiohttp.ClientTimeout(total=5)
         ) as r:
-            if r.status == 404:
+            if r.status == 404 and await _is_gone(r, name):
                 log.warning("transaction %s: %s is gone: presumed abort", txid, ref)
                 return "Abort"
             if r.status != 200:
@@ -52,6 +52,20 @@ async def decision_of(kube: KubeAccess, session: Any, ref: str, txid: str) -> st
         return "Abort"
     decision = (tx.get("status") or {}).get("decision")
     return decision if decision in ("Commit", "Abort") else None
+
+
+async def _is_gone(r: Any, name: str) -> bool:
+    """The API server's own NotFound for this very transaction (not a 404 from a proxy or a
+    wrong address, which says nothing about it)."""
+    try:
+        body = await r.json(content_type=None)
+    except ValueError:
+        return False
+    return (
+        isinstance(body, dict)
+        and body.get("reason") == "NotFound"
+        and (body.get("details") or {}).get("name") == name
+    )
 
 
 async def watch(config: Config, inbound: Inbound, session: Any) -> None:
