@@ -1051,6 +1051,12 @@ def test_projection_example_is_accepted(accord: E2ECluster) -> None:
     }
     refused = accord.kubectl("create", "-f", "-", input=json.dumps(big), check=False, stderr=True)
     assert "spec.participants[1].payload: Too long" in refused, refused
+    # One within bounds is admitted with the coordinator's finalizer already on.
+    big["spec"]["participants"][1]["payload"] = {"b": 1}
+    admitted = json.loads(accord.kubectl(
+        "create", "--dry-run=server", "-o", "json", "-f", "-", input=json.dumps(big),
+    ))  # fmt: skip
+    assert admitted["metadata"]["finalizers"] == ["accord.dev/tpc-phase2"]
 
 
 def test_a_tenant_who_cannot_create_pods_is_refused_a_job_step_saga(accord: E2ECluster) -> None:

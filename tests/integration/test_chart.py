@@ -83,11 +83,20 @@ def test_defaults_split_controller_and_webhook_and_carry_the_ca() -> None:
         "run",
         "--webhook-only",
     ]
-    (mwc,) = by_kind(docs, "MutatingWebhookConfiguration")
+    mutating = {m["metadata"]["name"]: m for m in by_kind(docs, "MutatingWebhookConfiguration")}
+    assert set(mutating) == {"accord-sidecar-injector", "accord-transaction-admission"}
+    mwc = mutating["accord-sidecar-injector"]
     policies = {w["name"]: w["failurePolicy"] for w in mwc["webhooks"]}
     assert policies == {"namespace.inject.accord.dev": "Fail", "object.inject.accord.dev": "Ignore"}
+    # Transactions: bounded payloads and the finalizer at creation, failing closed; never on
+    # an update (the spec is immutable, and the operator's own patches need no webhook).
+    (tpc,) = mutating["accord-transaction-admission"]["webhooks"]
+    assert tpc["failurePolicy"] == "Fail"
+    assert tpc["clientConfig"]["service"]["path"] == "/tpc-admission"
+    assert [r["operations"] for r in tpc["rules"]] == [["CREATE"]]
     (secret,) = by_kind(docs, "Secret")
-    assert all(w["clientConfig"]["caBundle"] == secret["data"]["ca.crt"] for w in mwc["webhooks"])
+    hooks = [w for m in mutating.values() for w in m["webhooks"]]
+    assert all(w["clientConfig"]["caBundle"] == secret["data"]["ca.crt"] for w in hooks)
     assert base64.b64decode(secret["data"]["tls.crt"]).startswith(b"-----BEGIN CERTIFICATE-----")
     excluded = mwc["webhooks"][0]["namespaceSelector"]["matchExpressions"][0]
     assert excluded["operator"] == "NotIn" and {"kube-system", "accord-system"} <= set(

@@ -1,12 +1,15 @@
-"""Payload bounds of a TwoPhaseTransaction, checked at admission (the schema cannot)."""
+"""Admission of a TwoPhaseTransaction: payload bounds (the schema cannot check them) and the
+coordinator's finalizer put on at creation."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from accord_operator.twophase.admission import (
+    FINALIZER,
     MAX_PAYLOAD_BYTES,
     MAX_TOTAL_PAYLOAD_BYTES,
+    finalizers_at_creation,
     payload_errors,
     payload_size,
 )
@@ -48,3 +51,9 @@ def test_payloads_that_fit_one_by_one_are_bounded_together() -> None:
 def test_multibyte_text_counts_in_bytes_not_characters() -> None:
     text = "é" * (MAX_PAYLOAD_BYTES // 2)  # two bytes each in UTF-8: just over the limit
     assert payload_errors(_spec({"t": text}))[0].startswith("spec.participants[0].payload")
+
+
+def test_the_finalizer_goes_on_at_creation_beside_any_the_creator_set() -> None:
+    assert finalizers_at_creation(None) == [FINALIZER]
+    assert finalizers_at_creation(["example.com/audit"]) == ["example.com/audit", FINALIZER]
+    assert finalizers_at_creation([FINALIZER]) is None  # nothing to change

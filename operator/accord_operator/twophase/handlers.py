@@ -1,6 +1,6 @@
 """The kopf shell for TwoPhaseTransaction: the watch starts one coordinator task per
 unfinished transaction (supervisor.Supervisor over twophase.runner.TpcDriver); admission
-bounds the payloads."""
+bounds the payloads and puts the coordinator's finalizer on."""
 
 from __future__ import annotations
 
@@ -15,14 +15,18 @@ from accord_operator.twophase import admission
 
 
 def register_webhooks(registry: kopf.OperatorRegistry) -> None:
-    @kopf.on.validate(
-        GROUP, VERSION, TWO_PHASE.plural, id="tpc-payloads", operations=["CREATE"],
+    # CREATE only: the spec is immutable (the CRD's rule), so no update can change a payload.
+    @kopf.on.mutate(
+        GROUP, VERSION, TWO_PHASE.plural, id="tpc-admission", operations=["CREATE"],
         registry=registry,
     )  # fmt: skip
-    async def tpc_payloads(spec: kopf.Spec, **_: Any) -> None:
+    async def tpc_admission(spec: kopf.Spec, meta: kopf.Meta, patch: kopf.Patch, **_: Any) -> None:
         errors = admission.payload_errors(spec)
         if errors:
             raise kopf.AdmissionError("; ".join(errors), code=422)
+        finalizers = admission.finalizers_at_creation(meta.get("finalizers"))
+        if finalizers is not None:
+            patch.metadata["finalizers"] = finalizers
 
 
 def register(registry: kopf.OperatorRegistry) -> None:

@@ -15,6 +15,7 @@ from accord_operator.kubeapi import KubeApi
 from accord_operator.participants import Participants, ServiceNotFound
 from accord_operator.resources import GROUP, TWO_PHASE, VERSION
 from accord_operator.store import KubeStore, drop_finalizer, hold_finalizer
+from accord_operator.twophase.admission import FINALIZER
 from accord_operator.twophase.machine import (
     DECIDED,
     FINISHED_AS,
@@ -29,7 +30,6 @@ from accord_operator.twophase.machine import (
 from accord_operator.world import KubeWorld
 
 logger = logging.getLogger("accord.tpc")
-FINALIZER = f"{GROUP}/tpc-phase2"  # deletion waits until every participant acknowledged
 _locks: dict[str, asyncio.Lock] = {}
 
 
