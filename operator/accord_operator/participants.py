@@ -104,12 +104,13 @@ class Participants:
             return cached[1]
         lookup = self._lookups.get(key)
         if lookup is None:
-            lookup = asyncio.ensure_future(self._lookup(namespace, service, port))
+            lookup = asyncio.ensure_future(self._lookup(key))
             self._lookups[key] = lookup
             lookup.add_done_callback(lambda _: self._lookups.pop(key, None))
         return await asyncio.shield(lookup)
 
-    async def _lookup(self, namespace: str, service: str, port: int) -> str:
+    async def _lookup(self, key: tuple[str, str, int]) -> str:
+        namespace, service, port = key
         try:
             svc = await self.api.get(f"/api/v1/namespaces/{namespace}/services/{service}")
         except ApiError as exc:
@@ -123,7 +124,7 @@ class Participants:
             else f"{service}.{namespace}.svc"
         )
         url = f"http://{host}:{port}"
-        self._services[(namespace, service, port)] = (time.monotonic(), url)
+        self._services[key] = (time.monotonic(), url)
         return url
 
     async def _auth(self) -> dict[str, str]:

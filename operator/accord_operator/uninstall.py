@@ -18,10 +18,11 @@ from typing import Any
 
 from accord_operator.kubeapi import ApiError, KubeApi
 from accord_operator.resources import API_VERSION, GROUP, KINDS, Kind
+from accord_operator.twophase.admission import FINALIZER as TPC_FINALIZER
 
 logger = logging.getLogger("accord.uninstall")
 # kopf's (older operators put it on sagas) and the saga driver's own.
-FINALIZERS = (f"{GROUP}/finalizer", f"{GROUP}/saga-compensation", f"{GROUP}/tpc-phase2")
+FINALIZERS = (f"{GROUP}/finalizer", f"{GROUP}/saga-compensation", TPC_FINALIZER)
 _POLL_S = 1.0
 
 
