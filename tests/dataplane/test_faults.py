@@ -685,3 +685,66 @@ def test_in_a_batch_only_the_poison_event_is_dead_lettered_not_those_held_behind
         return int((await kv.get(f"dead.{durable_name('projector-sidecar', 'orders')}")).value)
 
     assert _js(nats.url, counted) == 1
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        {},  # ordered, one event per POST
+        {"ACCORD_BULK_MAX": "10", "ACCORD_POISON": "park"},  # as a projection's sidecar
+        {"ACCORD_PARTITIONS": "2", "ACCORD_BULK_MAX": "10", "ACCORD_HTTP_ENGINE": "aiohttp"},
+        {"ACCORD_CONCURRENCY": "4"},
+    ],
+    ids=["ordered", "bulk-park", "partitioned-aiohttp", "concurrent"],
+)
+def test_an_app_not_listening_yet_or_restarting_costs_no_event_a_delivery_attempt(
+    spawn: Callable[..., Any], nats: NatsServer, mode: dict[str, str]
+) -> None:
+    """A pod's sidecar may be up before its app listens, and an app restarts: a POST that
+    finds no one listening never reached the app, so it is no failed attempt of the event
+    (with max deliveries 2, counting it would dead-letter). Deliveries wait, /readyz says
+    why, and every event arrives once the app is back."""
+    app: Recorder = spawn(Recorder, "projector")
+    app.kill()  # its port is known; nothing listens there yet
+    publisher: Sidecar = spawn(Sidecar, "orders-api", ACCORD_NATS_URL=nats.url)
+    sidecar = subscriber(spawn, nats.url, "projector", "orders", app,
+                         ACCORD_MAX_DELIVERIES="2", **mode)  # fmt: skip
+
+    def publish(first: int, n: int) -> list[str]:
+        ids = []
+        for i in range(first, first + n):
+            status, body, _ = request("POST", f"{publisher.api}/v1/publish/orders", {"n": i},
+                                      headers={"Accord-Partition-Key": f"k{i % 3}"})  # fmt: skip
+            assert status == 200, body
+            ids.append(body["id"])
+        return ids
+
+    def delivered() -> set[str]:
+        out = set()
+        for call in app.calls("/events/orders"):
+            body = call["body"]
+            out |= {e["id"] for e in (body if isinstance(body, list) else [body])}
+        return out
+
+    sent = publish(0, 12)
+    status, _, _ = wait_until(
+        lambda: (
+            (r := request("GET", f"http://127.0.0.1:{sidecar.admin_port}/readyz"))
+            and "not listening" in json.dumps(r[1])
+            and r
+        ),
+        message="/readyz never said the app is not listening",
+    )
+    assert status == 503
+    time.sleep(1.5)  # many looks at the closed port meanwhile
+    app.start()
+    wait_until(lambda: delivered() >= set(sent), timeout=30, message="events lost")
+
+    app.kill()  # the app restarts mid-stream
+    more = publish(12, 6)
+    time.sleep(1.5)
+    app.start()  # a new process: what it records starts afresh
+    wait_until(lambda: delivered() >= set(more), timeout=30, message="events lost")
+    assert sidecar.metric("accord_sidecar_dead_lettered_total", topic="orders") == 0
+    assert "parked" not in sidecar.log.read_text()
+    wait_until(lambda: request("GET", f"http://127.0.0.1:{sidecar.admin_port}/readyz")[0] == 200)

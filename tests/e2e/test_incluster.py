@@ -779,6 +779,8 @@ def test_a_partitioned_projection_shares_its_partitions_out_among_its_pods(
                              "python", "-c", code)  # fmt: skip
         counts.append(json.loads(out.strip().splitlines()[-1])["events"])
     assert all(counts) and sum(counts) == 370, counts  # each its partition, each event once
+    # Projector containers start after their sidecars: no event paid for that wait.
+    assert status().get("deadLettered", 0) == 0, status()
 
 
 BULK = "bulk"

@@ -485,11 +485,13 @@ class Server:
 
 
 class UpstreamError(Exception):
-    """No answer: ("timeout" | "unreachable", message)."""
+    """No answer: ("timeout" | "unreachable", message). `sent`: whether the request may
+    have reached the upstream (False: no connection was made, so it never did)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, sent: bool = True) -> None:
         super().__init__(message)
         self.code = code
+        self.sent = sent
 
 
 class _Answer:
@@ -725,10 +727,10 @@ class Upstream:
             async with asyncio.timeout_at(deadline):
                 _, conn = await loop.create_connection(ClientConnection, self.host, self.port)
         except TimeoutError:
-            raise UpstreamError("timeout", f"no answer within {timeout_s:g}s") from None
+            raise UpstreamError("timeout", f"no answer within {timeout_s:g}s", sent=False) from None
         except OSError as exc:
             raise UpstreamError(
-                "unreachable", f"Cannot connect to host {self.host}:{self.port} ({exc})"
+                "unreachable", f"Cannot connect to host {self.host}:{self.port} ({exc})", sent=False
             ) from None
         return conn, False
 

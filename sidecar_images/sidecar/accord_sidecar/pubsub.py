@@ -166,6 +166,15 @@ class AppUnreachable(Exception):
     """No answer from the app (refused, closed, or not in time)."""
 
 
+class AppDown(AppUnreachable):
+    """The app is not listening (starting, or restarting): no connection was made, so the
+    event never reached it. Not the event's failure: no attempt is counted, it waits."""
+
+
+APP_DOWN = "the app is not listening"
+APP_DOWN_WAIT_MAX_S = 1.0  # how long at most between looks at an app that is down
+
+
 class Ownership:
     """Which sidecar of an app delivers an ordered subscription: the holder of a claim on
     the broker (OWNERS_BUCKET, one key per consumer), renewed every OWNER_TTL_S / 5. The
@@ -446,12 +455,19 @@ class Subscriber:
         for msg in chunk:
             if msg.metadata.num_delivered > 1:
                 metrics.REDELIVERIES.labels(self.label).inc()
-        pending, reported = chunk, False
+        pending, reported, down = chunk, False, 0
         while pending:
             if len(pending) == 1 and self.config.bulk_max == 1:
                 outcomes = [await self._post(pending[0].data)]
             else:
                 outcomes = await self._post_bulk(pending)
+            if outcomes[0][0] == "down":  # one POST: all or none reached the app
+                await self._flush_acks()  # those done go out before a wait
+                if not await self._wait_for_app(outcomes[0][1], down):
+                    return False
+                down += 1
+                continue
+            self._app_up()
             again, why = [], ""
             for msg, (outcome, reason) in zip(pending, outcomes, strict=True):
                 self._delivered(outcome)
@@ -634,8 +650,16 @@ class Subscriber:
     async def _deliver_parked(self, msg: Any) -> bool:
         """One parked event, with the usual retries; False when it keeps failing (or this
         sidecar stops, or is no longer the owner)."""
-        for attempt in range(1, self.config.max_deliveries + 1):
+        attempt, down = 0, 0
+        while attempt < self.config.max_deliveries:
             outcome, reason = await self._post(msg.data)
+            if outcome == "down":  # not an attempt: the app is not listening
+                if not await self._wait_for_app(reason, down):
+                    return False
+                down += 1
+                continue
+            self._app_up()
+            attempt += 1
             self._delivered(outcome)
             if outcome in ("success", "drop"):
                 return True
@@ -771,6 +795,18 @@ class Subscriber:
         if self.ordered:
             await self.ownership.release()
 
+    async def _wait_for_app(self, reason: str, looked: int) -> bool:
+        """The app did not take the connection: wait a little before looking again (shown
+        on /readyz meanwhile). False when stopping, or no longer the owner, first."""
+        self._trouble(f"{APP_DOWN} ({reason}); deliveries wait for it", logging.WARNING)
+        await self._pause(min(APP_DOWN_WAIT_MAX_S, 0.05 * 2**looked))
+        return not self.stopping.is_set() and (not self.ordered or self.ownership.held)
+
+    def _app_up(self) -> None:
+        if self.problem is not None and self.problem.startswith(APP_DOWN):
+            logger.info("subscription %s: the app listens again; delivering", self.topic)
+            self.problem = None
+
     def _backoff(self, delivered: int) -> float:
         cap = min(
             self.config.redelivery_max_ms, self.config.redelivery_initial_ms * 2 ** (delivered - 1)
@@ -781,10 +817,23 @@ class Subscriber:
         for msg in msgs:
             if msg.metadata.num_delivered > 1:
                 metrics.REDELIVERIES.labels(self.label).inc()
-        if len(msgs) == 1 and self.config.bulk_max == 1:
-            outcomes = [await self._post(msgs[0].data)]
-        else:
-            outcomes = await self._post_bulk(msgs)
+        down = 0
+        while True:
+            if len(msgs) == 1 and self.config.bulk_max == 1:
+                outcomes = [await self._post(msgs[0].data)]
+            else:
+                outcomes = await self._post_bulk(msgs)
+            if outcomes[0][0] != "down":
+                self._app_up()
+                break
+            # Kept here (in progress on the broker) until the app listens: given back, they
+            # would come again counted as delivered once more.
+            if not await self._wait_for_app(outcomes[0][1], down):
+                return  # stopping: unacked, the broker hands them out again
+            down += 1
+            for msg in msgs:
+                with contextlib.suppress(Exception):
+                    await msg.in_progress()
         await asyncio.gather(
             *(self._settle(m, o, r) for m, (o, r) in zip(msgs, outcomes, strict=True))
         )
@@ -845,6 +894,8 @@ class Subscriber:
             status, body = await self._app_post(
                 f"/events/{self.topic}", json.dumps(events).encode(), BATCH
             )
+        except AppDown as exc:
+            return [("down", str(exc))] * len(msgs)
         except AppUnreachable as exc:
             return [("retry", f"app unreachable: {exc}")] * len(msgs)
         if not 200 <= status < 300:
@@ -879,6 +930,8 @@ class Subscriber:
     async def _post(self, data: bytes) -> tuple[str, str]:
         try:
             code, body = await self._app_post(f"/events/{self.topic}", data, STRUCTURED)
+        except AppDown as exc:
+            return "down", str(exc)
         except AppUnreachable as exc:
             return "retry", f"app unreachable: {exc}"
         if not 200 <= code < 300:
@@ -905,7 +958,7 @@ class Subscriber:
                     "POST", path, [("Content-Type", content_type)], data, timeout_s
                 )
             except UpstreamError as exc:
-                raise AppUnreachable(str(exc)) from None
+                raise (AppUnreachable if exc.sent else AppDown)(str(exc)) from None
             return status, body
         import aiohttp  # the baseline engine: aiohttp's client
 
@@ -918,6 +971,8 @@ class Subscriber:
                 timeout=aiohttp.ClientTimeout(total=timeout_s),
             ) as r:
                 return r.status, await r.read()
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            raise AppDown(str(exc) or type(exc).__name__) from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise AppUnreachable(str(exc) or type(exc).__name__) from None
 
