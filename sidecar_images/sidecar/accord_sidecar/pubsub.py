@@ -455,19 +455,11 @@ class Subscriber:
         for msg in chunk:
             if msg.metadata.num_delivered > 1:
                 metrics.REDELIVERIES.labels(self.label).inc()
-        pending, reported, down = chunk, False, 0
+        pending, reported = chunk, False
         while pending:
-            if len(pending) == 1 and self.config.bulk_max == 1:
-                outcomes = [await self._post(pending[0].data)]
-            else:
-                outcomes = await self._post_bulk(pending)
-            if outcomes[0][0] == "down":  # one POST: all or none reached the app
-                await self._flush_acks()  # those done go out before a wait
-                if not await self._wait_for_app(outcomes[0][1], down):
-                    return False
-                down += 1
-                continue
-            self._app_up()
+            outcomes = await self._post_when_up(pending)
+            if outcomes is None:
+                return False
             again, why = [], ""
             for msg, (outcome, reason) in zip(pending, outcomes, strict=True):
                 self._delivered(outcome)
@@ -650,16 +642,11 @@ class Subscriber:
     async def _deliver_parked(self, msg: Any) -> bool:
         """One parked event, with the usual retries; False when it keeps failing (or this
         sidecar stops, or is no longer the owner)."""
-        attempt, down = 0, 0
-        while attempt < self.config.max_deliveries:
-            outcome, reason = await self._post(msg.data)
-            if outcome == "down":  # not an attempt: the app is not listening
-                if not await self._wait_for_app(reason, down):
-                    return False
-                down += 1
-                continue
-            self._app_up()
-            attempt += 1
+        for attempt in range(1, self.config.max_deliveries + 1):
+            outcomes = await self._post_when_up([msg], single=True)
+            if outcomes is None:
+                return False
+            outcome, reason = outcomes[0]
             self._delivered(outcome)
             if outcome in ("success", "drop"):
                 return True
@@ -795,17 +782,35 @@ class Subscriber:
         if self.ordered:
             await self.ownership.release()
 
-    async def _wait_for_app(self, reason: str, looked: int) -> bool:
-        """The app did not take the connection: wait a little before looking again (shown
-        on /readyz meanwhile). False when stopping, or no longer the owner, first."""
-        self._trouble(f"{APP_DOWN} ({reason}); deliveries wait for it", logging.WARNING)
-        await self._pause(min(APP_DOWN_WAIT_MAX_S, 0.05 * 2**looked))
-        return not self.stopping.is_set() and (not self.ordered or self.ownership.held)
-
-    def _app_up(self) -> None:
-        if self.problem is not None and self.problem.startswith(APP_DOWN):
-            logger.info("subscription %s: the app listens again; delivering", self.topic)
-            self.problem = None
+    async def _post_when_up(
+        self, msgs: list[Any], single: bool = False, hold: bool = False
+    ) -> list[tuple[str, str]] | None:
+        """POST events to the app (one structured event when `single` or one at a time is
+        configured, else a batch): the outcome of each. A POST that found no one listening
+        (the app starting or restarting) never reached the app, so it is no attempt: it is
+        made again, after a wait (shown on /readyz), until the app takes it (`hold`: keeping
+        the events in progress on the broker meanwhile). None when stopping, or no longer
+        the owner, first."""
+        looked = 0
+        while True:
+            if single or (len(msgs) == 1 and self.config.bulk_max == 1):
+                outcomes = [await self._post(msgs[0].data)]
+            else:
+                outcomes = await self._post_bulk(msgs)
+            if outcomes[0][0] != "down":  # one POST: all or none reached the app
+                if self.problem is not None and self.problem.startswith(APP_DOWN):
+                    logger.info("subscription %s: the app listens again", self.topic)
+                    self.problem = None
+                return outcomes
+            self._trouble(f"{APP_DOWN} ({outcomes[0][1]}); deliveries wait", logging.WARNING)
+            await self._flush_acks()  # those done go out before a wait
+            await self._pause(min(APP_DOWN_WAIT_MAX_S, 0.05 * 2**looked))
+            if self.stopping.is_set() or (self.ordered and not self.ownership.held):
+                return None
+            looked += 1
+            for msg in msgs if hold else ():
+                with contextlib.suppress(Exception):
+                    await msg.in_progress()
 
     def _backoff(self, delivered: int) -> float:
         cap = min(
@@ -817,23 +822,11 @@ class Subscriber:
         for msg in msgs:
             if msg.metadata.num_delivered > 1:
                 metrics.REDELIVERIES.labels(self.label).inc()
-        down = 0
-        while True:
-            if len(msgs) == 1 and self.config.bulk_max == 1:
-                outcomes = [await self._post(msgs[0].data)]
-            else:
-                outcomes = await self._post_bulk(msgs)
-            if outcomes[0][0] != "down":
-                self._app_up()
-                break
-            # Kept here (in progress on the broker) until the app listens: given back, they
-            # would come again counted as delivered once more.
-            if not await self._wait_for_app(outcomes[0][1], down):
-                return  # stopping: unacked, the broker hands them out again
-            down += 1
-            for msg in msgs:
-                with contextlib.suppress(Exception):
-                    await msg.in_progress()
+        # Kept here (in progress on the broker) while the app is down: given back, they
+        # would come again counted as delivered once more.
+        outcomes = await self._post_when_up(msgs, hold=True)
+        if outcomes is None:
+            return  # stopping: unacked, the broker hands them out again
         await asyncio.gather(
             *(self._settle(m, o, r) for m, (o, r) in zip(msgs, outcomes, strict=True))
         )
