@@ -748,3 +748,62 @@ def test_an_app_not_listening_yet_or_restarting_costs_no_event_a_delivery_attemp
     assert sidecar.metric("accord_sidecar_dead_lettered_total", topic="orders") == 0
     assert "parked" not in sidecar.log.read_text()
     wait_until(lambda: request("GET", f"http://127.0.0.1:{sidecar.admin_port}/readyz")[0] == 200)
+
+
+@pytest.mark.parametrize("partitions", ["1", "2"], ids=["ordered", "partitioned"])
+def test_a_replica_whose_app_stays_down_hands_its_ordered_deliveries_to_another(
+    spawn: Callable[..., Any], nats: NatsServer, partitions: str
+) -> None:
+    """Two replicas of an ordered (or partitioned) subscription, each with its own app. One
+    app dies and stays down while its sidecar runs: after APP_DOWN_HANDOVER_S its sidecar
+    gives up what it delivered, the other replica delivers everything, nothing is
+    dead-lettered; once the app is back its replica takes its share again."""
+    apps: list[Recorder] = [spawn(Recorder, f"projector-{i}") for i in range(2)]
+    publisher: Sidecar = spawn(Sidecar, "orders-api", ACCORD_NATS_URL=nats.url)
+    env = {"ACCORD_APP_ID": "projector", "ACCORD_MAX_DELIVERIES": "2",
+           "ACCORD_PARTITIONS": partitions}  # fmt: skip
+    sidecars = [subscriber(spawn, nats.url, f"projector-{i}", "orders", apps[i], **env)
+                for i in range(2)]  # fmt: skip
+
+    def publish(first: int, n: int) -> set[str]:
+        ids = set()
+        for i in range(first, first + n):
+            status, body, _ = request("POST", f"{publisher.api}/v1/publish/orders", {"n": i},
+                                      headers={"Accord-Partition-Key": f"k{i % 6}"})  # fmt: skip
+            assert status == 200, body
+            ids.add(body["id"])
+        return ids
+
+    def delivered(app: Recorder) -> set[str]:
+        with contextlib.suppress(OSError):
+            return {c["body"]["id"] for c in app.calls("/events/orders")}
+        return set()  # the app is down
+
+    def delivering(sidecar: Sidecar) -> bool:
+        return "this sidecar delivers" in sidecar.log.read_text()
+
+    wait_until(lambda: all(map(delivering, sidecars)) if partitions == "2"
+               else any(map(delivering, sidecars)), timeout=30)  # fmt: skip
+    first = publish(0, 12)
+    wait_until(lambda: delivered(apps[0]) | delivered(apps[1]) >= first, message="events lost")
+    down = 0 if delivered(apps[0]) else 1  # an app that delivers
+    apps[down].kill()
+    later = publish(12, 12)
+    wait_until(lambda: delivered(apps[1 - down]) >= later, timeout=60,
+               message="the other replica never took the deliveries over")  # fmt: skip
+    assert "not listening" in sidecars[down].log.read_text()
+    for sidecar in sidecars:
+        assert sidecar.metric("accord_sidecar_dead_lettered_total", topic="orders") == 0
+
+    mark = len(sidecars[down].log.read_text())
+    apps[down].start()  # back: its replica takes its share again
+    if partitions == "2":
+
+        def rejoined() -> bool:
+            since = sidecars[down].log.read_text()[mark:]
+            return "2 replica(s)" in since and "this sidecar delivers" in since
+
+        wait_until(rejoined, timeout=30, message="the replica never took its share again")
+        last = publish(24, 12)
+        wait_until(lambda: delivered(apps[0]) | delivered(apps[1]) >= last, message="events lost")
+        assert delivered(apps[down]) & last  # its partition's

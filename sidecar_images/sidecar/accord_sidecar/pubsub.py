@@ -173,6 +173,44 @@ class AppDown(AppUnreachable):
 
 APP_DOWN = "the app is not listening"
 APP_DOWN_WAIT_MAX_S = 1.0  # how long at most between looks at an app that is down
+APP_DOWN_HANDOVER_S = 10.0  # an app down this long: its ordered deliveries go to a replica
+
+
+class AppWatch:
+    """Whether the app listens, as deliveries find it. A sidecar whose app has not listened
+    for APP_DOWN_HANDOVER_S (crash-looping, or stuck starting) gives its ordered
+    subscriptions and its partitions to the app's other replicas, as Dapr's app health
+    checks stop a sidecar's subscriptions; meanwhile it looks every few seconds, and
+    takes its share again once the app listens."""
+
+    def __init__(self, host: str, port: int | None) -> None:
+        self.host, self.port = host, port
+        self.down_since: float | None = None
+
+    def seen(self, listening: bool) -> None:
+        if listening:
+            self.down_since = None
+        elif self.down_since is None:
+            self.down_since = asyncio.get_running_loop().time()
+
+    @property
+    def gone(self) -> bool:
+        """Down long enough for its replica to hand its ordered deliveries over."""
+        since = self.down_since
+        return since is not None and asyncio.get_running_loop().time() - since >= (
+            APP_DOWN_HANDOVER_S
+        )
+
+    async def look(self) -> None:
+        """While the app is thought down: does it listen now? (A connection, no request.)"""
+        if self.down_since is None or self.port is None:
+            return
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), 1)
+        except (OSError, TimeoutError):
+            return
+        writer.close()
+        self.down_since = None
 
 
 class Ownership:
@@ -181,10 +219,11 @@ class Ownership:
     holder counts itself the owner only until 60% of the claim's life after its last
     renewal was sent, so it stops before the broker can let another sidecar take over."""
 
-    def __init__(self, broker: Broker, key: str, holder: str) -> None:
+    def __init__(self, broker: Broker, key: str, holder: str, app: AppWatch) -> None:
         self.broker = broker
         self.key = key
         self.holder = holder
+        self.app = app  # gone: given up, as if not wanted
         self.revision: int | None = None
         self.valid_until = 0.0
         self.gained = 0  # how often this sidecar became the owner
@@ -196,6 +235,7 @@ class Ownership:
         """Deliver now? (Not once this sidecar is to give it up.)"""
         return (
             self.wanted
+            and not self.app.gone
             and self.revision is not None
             and asyncio.get_running_loop().time() < self.valid_until
         )
@@ -260,9 +300,11 @@ class Subscriber:
         topic: str,
         partition: wire.Partition | None = None,
         app: Upstream | None = None,
+        watch: AppWatch | None = None,
     ) -> None:
         self.config = config
         self.app = app  # our own keep-alive client to the app (None: aiohttp's, `session`)
+        self.watch = watch or AppWatch(config.app_host, config.app_port)
         self.partition = partition  # (index, count): only the events of this partition
         self.broker = broker
         self.session = session
@@ -282,7 +324,10 @@ class Subscriber:
         self._moved = asyncio.Event()  # set on every settle: waiters look again
         self.ordered = config.concurrency == 1 or partition is not None
         self.ownership = Ownership(
-            broker, wire.consumer_name(config.app_id, topic, partition), holder_name(config)
+            broker,
+            wire.consumer_name(config.app_id, topic, partition),
+            holder_name(config),
+            self.watch,
         )
         self.standby = False  # ordered, and another replica delivers
         # ACCORD_POISON=park: the keys (their parked subjects) whose events wait behind a
@@ -313,7 +358,8 @@ class Subscriber:
         await self.broker.wait_connected()
         while not self.stopping.is_set():
             self.ownership.nudged.clear()
-            if self.ownership.wanted:
+            await self.watch.look()
+            if self.ownership.wanted and not self.watch.gone:
                 await self.ownership.renew()
             elif self.ownership.revision is not None:
                 # To be given up: deliveries stop at the next event; the one at the app
@@ -321,7 +367,10 @@ class Subscriber:
                 if self.in_flight:
                     await asyncio.wait(self.in_flight)
                 await self.ownership.release()
-                logger.info("subscription %s: gave up %s", self.topic, self.ownership.key)
+                why = (
+                    f"{APP_DOWN} for {APP_DOWN_HANDOVER_S:g}s" if self.watch.gone else "shared out"
+                )
+                logger.info("subscription %s: gave up %s (%s)", self.topic, self.ownership.key, why)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.ownership.nudged.wait(), OWNER_TTL_S / 5)
 
@@ -797,6 +846,7 @@ class Subscriber:
                 outcomes = [await self._post(msgs[0].data)]
             else:
                 outcomes = await self._post_bulk(msgs)
+            self.watch.seen(outcomes[0][0] != "down")
             if outcomes[0][0] != "down":  # one POST: all or none reached the app
                 if self.problem is not None and self.problem.startswith(APP_DOWN):
                     logger.info("subscription %s: the app listens again", self.topic)
@@ -1028,13 +1078,16 @@ class PartitionGroup:
         topic: str,
         count: int,
         app: Upstream | None = None,
+        watch: AppWatch | None = None,
     ) -> None:
         self.broker = broker
         self.topic = topic
         self.group = wire.consumer_name(config.app_id, topic)
         self.holder = holder_name(config).replace("/", "_")
+        self.watch = watch or AppWatch(config.app_host, config.app_port)
         self.subscribers = [
-            Subscriber(config, broker, session, topic, (i, count), app) for i in range(count)
+            Subscriber(config, broker, session, topic, (i, count), app, self.watch)
+            for i in range(count)
         ]
         for sub in self.subscribers:
             sub.ownership.wanted = False  # until the replicas are known
@@ -1053,7 +1106,20 @@ class PartitionGroup:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def share(self) -> None:
-        """Which partitions this replica wants, from who is alive now."""
+        """Which partitions this replica wants, from who is alive now (not this one while
+        its app is gone: it leaves the member list, the others share its partitions)."""
+        await self.watch.look()
+        if self.watch.gone:
+            if self.members:
+                logger.warning(
+                    "subscription %s: %s for %gs; its partitions go to the other replicas",
+                    self.topic, APP_DOWN, APP_DOWN_HANDOVER_S,
+                )  # fmt: skip
+                self.members = []
+                await self.broker.leave(self.group, self.holder)
+            for sub in self.subscribers:
+                sub.ownership.nudged.set()  # give up now
+            return
         try:
             members = await asyncio.wait_for(
                 self.broker.members(self.group, self.holder), OWNER_TTL_S / 5

@@ -23,7 +23,7 @@ from accord_sidecar.fasthttp import Reply, json_reply
 from accord_sidecar.inbound import Inbound
 from accord_sidecar.invoke import Invoker
 from accord_sidecar.journal import Journal
-from accord_sidecar.pubsub import PartitionGroup, Publisher, Subscriber
+from accord_sidecar.pubsub import AppWatch, PartitionGroup, Publisher, Subscriber
 from accord_sidecar.session import LazySession
 
 logger = logging.getLogger("accord.sidecar")
@@ -206,14 +206,17 @@ class Sidecar:
             # In the background: invoke and inbound serve at once, broker or not.
             self.tasks.append(asyncio.create_task(self.broker.connect()))
             app = self.pool.get(c.app_host, c.app_port) if self.pool and c.app_port else None
+            watch = AppWatch(c.app_host, c.app_port)  # one app behind every subscription
             for topic in c.subscribe:
                 if c.partitions > 1:
-                    group = PartitionGroup(c, self.broker, self.session, topic, c.partitions, app)
+                    group = PartitionGroup(
+                        c, self.broker, self.session, topic, c.partitions, app, watch
+                    )
                     self.groups[topic] = group
                     self.subscribers += group.subscribers
                     self.tasks.append(asyncio.create_task(group.run()))
                     continue
-                sub = Subscriber(c, self.broker, self.session, topic, app=app)
+                sub = Subscriber(c, self.broker, self.session, topic, app=app, watch=watch)
                 self.subscribers.append(sub)
                 self.tasks.append(asyncio.create_task(sub.run()))
         logger.info("accord-sidecar ready: %s", " ".join(f"{k}={v}" for k, v in self.ports.items()))
