@@ -687,6 +687,28 @@ def test_in_a_batch_only_the_poison_event_is_dead_lettered_not_those_held_behind
     assert _js(nats.url, counted) == 1
 
 
+def _publish_keyed(publisher: Sidecar, numbers: range, keys: int) -> set[str]:
+    """Publish {"n": i} to "orders" for each i, with partition key k<i % keys>: the ids."""
+    ids = set()
+    for i in numbers:
+        status, body, _ = request("POST", f"{publisher.api}/v1/publish/orders", {"n": i},
+                                  headers={"Accord-Partition-Key": f"k{i % keys}"})  # fmt: skip
+        assert status == 200, body
+        ids.add(body["id"])
+    return ids
+
+
+def _delivered_to(app: Recorder) -> set[str]:
+    """The ids of the "orders" events the app has taken (one by one or in batches); none
+    while it is down."""
+    out: set[str] = set()
+    with contextlib.suppress(OSError):
+        for call in app.calls("/events/orders"):
+            body = call["body"]
+            out |= {e["id"] for e in (body if isinstance(body, list) else [body])}
+    return out
+
+
 @pytest.mark.parametrize(
     "mode",
     [
@@ -710,21 +732,11 @@ def test_an_app_not_listening_yet_or_restarting_costs_no_event_a_delivery_attemp
     sidecar = subscriber(spawn, nats.url, "projector", "orders", app,
                          ACCORD_MAX_DELIVERIES="2", **mode)  # fmt: skip
 
-    def publish(first: int, n: int) -> list[str]:
-        ids = []
-        for i in range(first, first + n):
-            status, body, _ = request("POST", f"{publisher.api}/v1/publish/orders", {"n": i},
-                                      headers={"Accord-Partition-Key": f"k{i % 3}"})  # fmt: skip
-            assert status == 200, body
-            ids.append(body["id"])
-        return ids
+    def publish(first: int, n: int) -> set[str]:
+        return _publish_keyed(publisher, range(first, first + n), keys=3)
 
     def delivered() -> set[str]:
-        out = set()
-        for call in app.calls("/events/orders"):
-            body = call["body"]
-            out |= {e["id"] for e in (body if isinstance(body, list) else [body])}
-        return out
+        return _delivered_to(app)
 
     sent = publish(0, 12)
     status, _, _ = wait_until(
@@ -738,13 +750,13 @@ def test_an_app_not_listening_yet_or_restarting_costs_no_event_a_delivery_attemp
     assert status == 503
     time.sleep(1.5)  # many looks at the closed port meanwhile
     app.start()
-    wait_until(lambda: delivered() >= set(sent), timeout=30, message="events lost")
+    wait_until(lambda: delivered() >= sent, timeout=30, message="events lost")
 
     app.kill()  # the app restarts mid-stream
     more = publish(12, 6)
     time.sleep(1.5)
     app.start()  # a new process: what it records starts afresh
-    wait_until(lambda: delivered() >= set(more), timeout=30, message="events lost")
+    wait_until(lambda: delivered() >= more, timeout=30, message="events lost")
     assert sidecar.metric("accord_sidecar_dead_lettered_total", topic="orders") == 0
     assert "parked" not in sidecar.log.read_text()
     wait_until(lambda: request("GET", f"http://127.0.0.1:{sidecar.admin_port}/readyz")[0] == 200)
@@ -766,18 +778,9 @@ def test_a_replica_whose_app_stays_down_hands_its_ordered_deliveries_to_another(
                 for i in range(2)]  # fmt: skip
 
     def publish(first: int, n: int) -> set[str]:
-        ids = set()
-        for i in range(first, first + n):
-            status, body, _ = request("POST", f"{publisher.api}/v1/publish/orders", {"n": i},
-                                      headers={"Accord-Partition-Key": f"k{i % 6}"})  # fmt: skip
-            assert status == 200, body
-            ids.add(body["id"])
-        return ids
+        return _publish_keyed(publisher, range(first, first + n), keys=6)
 
-    def delivered(app: Recorder) -> set[str]:
-        with contextlib.suppress(OSError):
-            return {c["body"]["id"] for c in app.calls("/events/orders")}
-        return set()  # the app is down
+    delivered = _delivered_to
 
     def delivering(sidecar: Sidecar) -> bool:
         return "this sidecar delivers" in sidecar.log.read_text()
