@@ -102,6 +102,33 @@ def test_operator_tracks_spec_changes_in_observed_generation(
     assert all(c["observedGeneration"] == 2 for c in obj["status"]["conditions"])
 
 
+def test_a_projection_whose_acceptance_was_lost_is_accepted_all_the_same(
+    cluster: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    """kopf writes its bookkeeping and the status in two patches. An operator killed between
+    them (or a status patch that failed) leaves a projection kopf takes as handled, with no
+    status: the next operator still accepts it, and carries on from there."""
+    proj = example("projection-orders.yaml")
+    handled = json.dumps({"spec": proj["spec"], "metadata": {"labels": {}}})
+    proj["metadata"]["annotations"] = {
+        "accord.dev/kopf-managed": "yes",
+        "accord.dev/last-handled-configuration": handled,
+    }
+    cluster.apply(proj, namespace)
+    name = proj["metadata"]["name"]
+    with run_operator(cluster, tmp_path, "-n", namespace):
+        obj = cluster.wait_for(
+            "proj", name, namespace, lambda o: (o.get("status") or {}).get("phase") == "Pending"
+        )
+        assert obj["status"]["observedGeneration"] == 1
+        proj["spec"]["source"]["maxDeliveries"] = 7
+        cluster.apply(proj, namespace)
+        cluster.wait_for(
+            "proj", name, namespace,
+            lambda o: (o.get("status") or {}).get("observedGeneration") == 2,
+        )  # fmt: skip
+
+
 def test_healthz_and_metrics(operator: int) -> None:
     with urllib.request.urlopen(f"http://127.0.0.1:{operator}/healthz") as r:
         assert json.load(r)["status"] == "ok"

@@ -120,8 +120,11 @@ def run_operator(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        if os.environ.get("ACCORD_TEST_SHOW_LOGS"):
-            print(log.read_text())
+        # Captured by pytest and shown only when the test fails: what the operator saw.
+        text = log.read_text(errors="replace")
+        shown = text if os.environ.get("ACCORD_TEST_SHOW_LOGS") else text[-8000:]
+        print(f"--- operator log ({log.name}, last {len(shown)} of {len(text)} chars) ---")
+        print(shown)
 
 
 def webhook_configuration(

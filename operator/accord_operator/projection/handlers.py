@@ -1,6 +1,7 @@
-"""The kopf shell for CQRSProjection: accept it at once, then one pass every SYNC_S seconds
-(projection.reconcile): objects made as planned, the broker's figures read, the status
-written only when it says something new (so at most once per pass: rate-limited)."""
+"""The kopf shell for CQRSProjection: one pass every SYNC_S seconds, the first at once. A
+pass accepts a projection that has no phase yet; after that it runs projection.reconcile:
+objects made as planned, the broker's figures read, the status written only when it says
+something new (so at most once per pass: rate-limited)."""
 
 from __future__ import annotations
 
@@ -24,10 +25,6 @@ def _now() -> str:
 
 
 def register(registry: kopf.OperatorRegistry) -> None:
-    @kopf.on.create(GROUP, VERSION, PROJECTION.plural, id="proj-accept", registry=registry)
-    async def proj_accept(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-        accept(PROJECTION, body, patch)
-
     @kopf.timer(
         GROUP, VERSION, PROJECTION.plural, id="proj-sync", interval=SYNC_S, registry=registry
     )  # fmt: skip
@@ -35,7 +32,11 @@ def register(registry: kopf.OperatorRegistry) -> None:
         proj = {"metadata": dict(body.metadata), "spec": dict(body.spec),
                 "status": dict(body.status)}  # fmt: skip
         if not proj["status"].get("phase"):
-            return  # not accepted yet: the create handler comes first
+            # The first pass accepts it, and so does any pass that finds it still without a
+            # phase: one path, so an acceptance lost on the way (a failed patch, a restart
+            # between kopf's annotation patch and its status patch) is made again 2 s later.
+            accept(PROJECTION, body, patch)
+            return
         meta = proj["metadata"]
         try:
             new = await reconcile(memo.api, memo.broker, proj, _now())
