@@ -762,6 +762,38 @@ def test_an_app_not_listening_yet_or_restarting_costs_no_event_a_delivery_attemp
     wait_until(lambda: request("GET", f"http://127.0.0.1:{sidecar.admin_port}/readyz")[0] == 200)
 
 
+def test_a_replica_up_before_its_app_shares_its_partitions_and_is_ready_once_the_app_is(
+    spawn: Callable[..., Any], nats: NatsServer
+) -> None:
+    """As in a pod of a partitioned projection: the first replica up takes every partition
+    while its app does not listen yet, and gives one up when the second joins. Once its app
+    listens it is ready: the partition it now only stands by for keeps no stale 'not
+    listening' (the in-cluster test saw such a pod never ready), and every event arrives."""
+    apps: list[Recorder] = [spawn(Recorder, f"projector-{i}") for i in range(2)]
+    apps[0].kill()  # its port is known; nothing listens there yet
+    publisher: Sidecar = spawn(Sidecar, "orders-api", ACCORD_NATS_URL=nats.url)
+    env = {"ACCORD_APP_ID": "projector", "ACCORD_MAX_DELIVERIES": "2",
+           "ACCORD_PARTITIONS": "2", "ACCORD_BULK_MAX": "10"}  # fmt: skip
+    first = subscriber(spawn, nats.url, "projector-0", "orders", apps[0], **env)
+    wait_until(lambda: "takes partitions 0,1" in first.log.read_text(), timeout=30)
+    sent = _publish_keyed(publisher, range(12), keys=6)
+    ready = f"http://127.0.0.1:{first.admin_port}/readyz"
+    wait_until(lambda: "not listening" in json.dumps(request("GET", ready)[1]),
+               message="/readyz never said the app is not listening")  # fmt: skip
+
+    second = subscriber(spawn, nats.url, "projector-1", "orders", apps[1], **env)
+    wait_until(lambda: "2 replica(s)" in first.log.read_text(), timeout=30,
+               message="the first replica never shared its partitions out")  # fmt: skip
+    apps[0].start()
+    wait_until(lambda: _delivered_to(apps[0]) | _delivered_to(apps[1]) >= sent, timeout=30,
+               message="events lost")  # fmt: skip
+    for sidecar in (first, second):
+        url = f"http://127.0.0.1:{sidecar.admin_port}/readyz"
+        wait_until(lambda u=url: request("GET", u)[0] == 200, timeout=15,
+                   message=f"a replica stayed unready: {request('GET', url)[1]}")  # fmt: skip
+        assert sidecar.metric("accord_sidecar_dead_lettered_total", topic="orders") == 0
+
+
 @pytest.mark.parametrize("partitions", ["1", "2"], ids=["ordered", "partitioned"])
 def test_a_replica_whose_app_stays_down_hands_its_ordered_deliveries_to_another(
     spawn: Callable[..., Any], nats: NatsServer, partitions: str
@@ -799,7 +831,10 @@ def test_a_replica_whose_app_stays_down_hands_its_ordered_deliveries_to_another(
         assert sidecar.metric("accord_sidecar_dead_lettered_total", topic="orders") == 0
 
     mark = len(sidecars[down].log.read_text())
-    apps[down].start()  # back: its replica takes its share again
+    apps[down].start()  # back: its replica takes its share again (or stands by: ready)
+    ready = f"http://127.0.0.1:{sidecars[down].admin_port}/readyz"
+    wait_until(lambda: request("GET", ready)[0] == 200, timeout=30,
+               message=f"the replica stayed unready: {request('GET', ready)[1]}")  # fmt: skip
     if partitions == "2":
 
         def rejoined() -> bool:

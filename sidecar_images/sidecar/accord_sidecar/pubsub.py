@@ -187,10 +187,16 @@ class AppWatch:
         self.host, self.port = host, port
         self.down_since: float | None = None
 
-    def seen(self, listening: bool) -> None:
+    def seen(self, listening: bool, why: str = "") -> None:
+        """What a delivery found. Said in the log once per change; /readyz looks at the
+        port itself, so no subscription keeps a stale 'not listening' (a replica that
+        stands by delivers nothing that would clear it)."""
         if listening:
+            if self.down_since is not None:
+                logger.info("the app listens again; deliveries go on")
             self.down_since = None
         elif self.down_since is None:
+            logger.warning("%s (%s); deliveries wait", APP_DOWN, why)
             self.down_since = asyncio.get_running_loop().time()
 
     @property
@@ -210,7 +216,7 @@ class AppWatch:
         except (OSError, TimeoutError):
             return
         writer.close()
-        self.down_since = None
+        self.seen(True)
 
 
 class Ownership:
@@ -400,7 +406,9 @@ class Subscriber:
                             partition=self.partition,
                         )
                         await sub.unsubscribe()
-                        exists, self.problem = True, None
+                        exists = True
+                    # Ready to take over: nothing it saw while it delivered stands now.
+                    self.problem = None
                     await self._pause(0.2)
                     continue
                 if self.standby:
@@ -846,13 +854,9 @@ class Subscriber:
                 outcomes = [await self._post(msgs[0].data)]
             else:
                 outcomes = await self._post_bulk(msgs)
-            self.watch.seen(outcomes[0][0] != "down")
+            self.watch.seen(outcomes[0][0] != "down", outcomes[0][1])
             if outcomes[0][0] != "down":  # one POST: all or none reached the app
-                if self.problem is not None and self.problem.startswith(APP_DOWN):
-                    logger.info("subscription %s: the app listens again", self.topic)
-                    self.problem = None
                 return outcomes
-            self._trouble(f"{APP_DOWN} ({outcomes[0][1]}); deliveries wait", logging.WARNING)
             await self._flush_acks()  # those done go out before a wait
             await self._pause(min(APP_DOWN_WAIT_MAX_S, 0.05 * 2**looked))
             if self.stopping.is_set() or (self.ordered and not self.ownership.held):

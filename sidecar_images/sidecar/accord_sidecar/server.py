@@ -23,7 +23,7 @@ from accord_sidecar.fasthttp import Reply, json_reply
 from accord_sidecar.inbound import Inbound
 from accord_sidecar.invoke import Invoker
 from accord_sidecar.journal import Journal
-from accord_sidecar.pubsub import AppWatch, PartitionGroup, Publisher, Subscriber
+from accord_sidecar.pubsub import APP_DOWN, AppWatch, PartitionGroup, Publisher, Subscriber
 from accord_sidecar.session import LazySession
 
 logger = logging.getLogger("accord.sidecar")
@@ -148,7 +148,7 @@ class Sidecar:
                 problems.append(f"pub/sub: {self.broker.problem}")
         problems += [f"subscription {s.topic}: {s.problem}" for s in self.subscribers if s.problem]
         if self.config.app_port is not None and not await self._app_reachable():
-            problems.append(f"app port {self.config.app_port} not reachable")
+            problems.append(f"{APP_DOWN}: app port {self.config.app_port} not reachable")
         return problems
 
     async def _app_reachable(self) -> bool:
