@@ -172,6 +172,7 @@ class AppDown(AppUnreachable):
 
 
 APP_DOWN = "the app is not listening"
+CANNOT_PARK = "cannot park an event"
 APP_DOWN_WAIT_MAX_S = 1.0  # how long at most between looks at an app that is down
 APP_DOWN_HANDOVER_S = 10.0  # an app down this long: its ordered deliveries go to a replica
 
@@ -636,9 +637,11 @@ class Subscriber:
         while True:
             try:
                 await self.broker.park(self.ownership.key, key, msg.data, headers)
+                if self.problem is not None and self.problem.startswith(CANNOT_PARK):
+                    self.problem = None  # it could, in the end: nothing stands in the way
                 break
             except Exception as exc:
-                self._trouble(f"cannot park an event: {exc or type(exc).__name__}", logging.WARNING)
+                self._trouble(f"{CANNOT_PARK}: {exc or type(exc).__name__}", logging.WARNING)
                 await self._pause(delay)
                 delay = min(delay * 2, 5.0)
                 if self.stopping.is_set() or not self.ownership.held:
