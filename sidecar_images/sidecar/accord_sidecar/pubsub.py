@@ -177,6 +177,18 @@ APP_DOWN_WAIT_MAX_S = 1.0  # how long at most between looks at an app that is do
 APP_DOWN_HANDOVER_S = 10.0  # an app down this long: its ordered deliveries go to a replica
 
 
+async def app_listens(host: str, port: int) -> bool:
+    """Does something listen on the app's port now? (A connection, no request.)"""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
 class AppWatch:
     """Whether the app listens, as deliveries find it. A sidecar whose app has not listened
     for APP_DOWN_HANDOVER_S (crash-looping, or stuck starting) gives its ordered
@@ -212,12 +224,8 @@ class AppWatch:
         """While the app is thought down: does it listen now? (A connection, no request.)"""
         if self.down_since is None or self.port is None:
             return
-        try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), 1)
-        except (OSError, TimeoutError):
-            return
-        writer.close()
-        self.seen(True)
+        if await app_listens(self.host, self.port):
+            self.seen(True)
 
 
 class Ownership:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import signal
@@ -23,7 +22,14 @@ from accord_sidecar.fasthttp import Reply, json_reply
 from accord_sidecar.inbound import Inbound
 from accord_sidecar.invoke import Invoker
 from accord_sidecar.journal import Journal
-from accord_sidecar.pubsub import APP_DOWN, AppWatch, PartitionGroup, Publisher, Subscriber
+from accord_sidecar.pubsub import (
+    APP_DOWN,
+    AppWatch,
+    PartitionGroup,
+    Publisher,
+    Subscriber,
+    app_listens,
+)
 from accord_sidecar.session import LazySession
 
 logger = logging.getLogger("accord.sidecar")
@@ -147,21 +153,11 @@ class Sidecar:
             elif self.broker.problem:
                 problems.append(f"pub/sub: {self.broker.problem}")
         problems += [f"subscription {s.topic}: {s.problem}" for s in self.subscribers if s.problem]
-        if self.config.app_port is not None and not await self._app_reachable():
+        if self.config.app_port is not None and not await app_listens(
+            self.config.app_host, self.config.app_port
+        ):
             problems.append(f"{APP_DOWN}: app port {self.config.app_port} not reachable")
         return problems
-
-    async def _app_reachable(self) -> bool:
-        try:
-            _, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.config.app_host, self.config.app_port), timeout=1
-            )
-        except (OSError, TimeoutError):
-            return False
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-        return True
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
