@@ -315,11 +315,12 @@ class Subscriber:
         topic: str,
         partition: wire.Partition | None = None,
         app: Upstream | None = None,
-        watch: AppWatch | None = None,
+        *,
+        watch: AppWatch,  # the sidecar's one watch of its app, shared by every subscription
     ) -> None:
         self.config = config
         self.app = app  # our own keep-alive client to the app (None: aiohttp's, `session`)
-        self.watch = watch or AppWatch(config.app_host, config.app_port)
+        self.watch = watch
         self.partition = partition  # (index, count): only the events of this partition
         self.broker = broker
         self.session = session
@@ -1093,15 +1094,16 @@ class PartitionGroup:
         topic: str,
         count: int,
         app: Upstream | None = None,
-        watch: AppWatch | None = None,
+        *,
+        watch: AppWatch,
     ) -> None:
         self.broker = broker
         self.topic = topic
         self.group = wire.consumer_name(config.app_id, topic)
         self.holder = holder_name(config).replace("/", "_")
-        self.watch = watch or AppWatch(config.app_host, config.app_port)
+        self.watch = watch
         self.subscribers = [
-            Subscriber(config, broker, session, topic, (i, count), app, self.watch)
+            Subscriber(config, broker, session, topic, (i, count), app, watch=watch)
             for i in range(count)
         ]
         for sub in self.subscribers:

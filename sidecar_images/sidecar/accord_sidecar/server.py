@@ -206,7 +206,7 @@ class Sidecar:
             for topic in c.subscribe:
                 if c.partitions > 1:
                     group = PartitionGroup(
-                        c, self.broker, self.session, topic, c.partitions, app, watch
+                        c, self.broker, self.session, topic, c.partitions, app, watch=watch
                     )
                     self.groups[topic] = group
                     self.subscribers += group.subscribers
