@@ -205,7 +205,7 @@ def test_webhook_down_with_ignore_admits_and_the_miss_is_reported(
         assert [e["involvedObject"]["name"] for e in events] == ["missed"]
         assert events[0]["type"] == "Warning"
         assert "Recreate the pod" in events[0]["message"]
-        assert op.metric("accord_injection_misses_total", namespace=namespace) == 1
+        op.wait_metric("accord_injection_misses_total", 1, namespace=namespace)
 
     # A restarted operator does not report the same pod twice.
     with run_operator(cluster, tmp_path, "--controller-only", "-n", namespace) as op:

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 
 from tests.support.cluster import Cluster, example
-from tests.support.operator import run_operator
+from tests.support.operator import OperatorProcess, run_operator
 
 
 @pytest.fixture
-def operator(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[int]:
+def operator(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[OperatorProcess]:
     """A real `accord-operator run` process watching this test's namespace."""
     with run_operator(cluster, tmp_path, "-n", namespace) as op:
-        yield op.metrics_port
+        yield op
 
 
 @pytest.mark.parametrize(
@@ -27,7 +27,7 @@ def operator(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[int]:
     ],
 )
 def test_operator_accepts_each_kind(
-    cluster: Cluster, namespace: str, operator: int, file: str, kind: str, name: str
+    cluster: Cluster, namespace: str, operator: OperatorProcess, file: str, kind: str, name: str
 ) -> None:
     cluster.apply(example(file), namespace)
     obj = cluster.wait_for(
@@ -57,14 +57,14 @@ def test_operator_accepts_each_kind(
     )["items"]
     assert any(e["reason"] == "Pending" for e in events), events
 
-    with urllib.request.urlopen(f"http://127.0.0.1:{operator}/metrics") as r:
+    with urllib.request.urlopen(f"http://127.0.0.1:{operator.metrics_port}/metrics") as r:
         text = r.read().decode()
     assert "accord_reconciles_total{" in text
     assert 'accord_phase_transitions_total{kind="' in text
 
 
 def test_a_transaction_whose_participants_do_not_exist_aborts_and_finishes(
-    cluster: Cluster, namespace: str, operator: int
+    cluster: Cluster, namespace: str, operator: OperatorProcess
 ) -> None:
     """The example's Services are not in this namespace: no prepare can reach them, the
     prepare timeout aborts it, and an abort needs sending to nobody (none holds anything)."""
@@ -79,13 +79,11 @@ def test_a_transaction_whose_participants_do_not_exist_aborts_and_finishes(
     assert [p.get("reached", False) for p in status["participants"]] == [False, False]
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "False" and ready["reason"] == "Aborted"
-    with urllib.request.urlopen(f"http://127.0.0.1:{operator}/metrics") as r:
-        text = r.read().decode()
-    assert 'accord_transactions_total{outcome="Aborted"} 1.0' in text
+    operator.wait_metric("accord_transactions_total", 1, outcome="Aborted")
 
 
 def test_operator_tracks_spec_changes_in_observed_generation(
-    cluster: Cluster, namespace: str, operator: int
+    cluster: Cluster, namespace: str, operator: OperatorProcess
 ) -> None:
     proj = example("projection-orders.yaml")
     cluster.apply(proj, namespace)
@@ -129,9 +127,9 @@ def test_a_projection_whose_acceptance_was_lost_is_accepted_all_the_same(
         )  # fmt: skip
 
 
-def test_healthz_and_metrics(operator: int) -> None:
-    with urllib.request.urlopen(f"http://127.0.0.1:{operator}/healthz") as r:
+def test_healthz_and_metrics(operator: OperatorProcess) -> None:
+    with urllib.request.urlopen(f"http://127.0.0.1:{operator.metrics_port}/healthz") as r:
         assert json.load(r)["status"] == "ok"
-    with urllib.request.urlopen(f"http://127.0.0.1:{operator}/metrics") as r:
+    with urllib.request.urlopen(f"http://127.0.0.1:{operator.metrics_port}/metrics") as r:
         assert r.headers["Content-Type"].startswith("text/plain")
         assert "accord_operator_build_info" in r.read().decode()

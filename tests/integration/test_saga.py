@@ -502,12 +502,12 @@ def test_saga_metrics(bed: SagaBed) -> None:
     bed.apply(bed.saga("counted", ORDER))
     bed.wait("counted", "Succeeded")
     assert bed.operator is not None
-    assert bed.operator.metric("accord_sagas_total", outcome="Succeeded") == 1
-    assert bed.operator.metric("accord_saga_step_retries_total", kind="action") == 1
-    assert bed.operator.metric("accord_saga_step_duration_seconds_count", kind="action") == 3
-    assert bed.operator.metric("accord_sagas", phase="Running") == 0  # nothing driven now
-    assert bed.operator.metric("accord_phase_transitions_total", kind="SagaWorkflow",
-                               phase="Succeeded") == 1  # fmt: skip
+    op = bed.operator
+    op.wait_metric("accord_sagas_total", 1, outcome="Succeeded")
+    op.wait_metric("accord_saga_step_retries_total", 1, kind="action")
+    op.wait_metric("accord_saga_step_duration_seconds_count", 3, kind="action")
+    op.wait_metric("accord_sagas", 0, phase="Running")  # nothing driven now
+    op.wait_metric("accord_phase_transitions_total", 1, kind="SagaWorkflow", phase="Succeeded")
 
 
 def test_a_redriven_saga_is_counted_once_and_compensated_shows_nothing_done(bed: SagaBed) -> None:
@@ -526,9 +526,9 @@ def test_a_redriven_saga_is_counted_once_and_compensated_shows_nothing_done(bed:
     assert status["progress"] == "0/3"
     assert status["cause"] == 'step charge failed: HTTP 402: {"error": "told to fail"}'
     assert bed.operator is not None
-    assert bed.operator.metric("accord_sagas_total", outcome="Failed") == 1
+    bed.operator.wait_metric("accord_sagas_total", 1, outcome="Failed")
+    bed.operator.wait_metric("accord_sagas", 0, phase="Failed")  # finished: not driven
     assert bed.operator.metric("accord_sagas_total", outcome="Compensated") == 0
-    assert bed.operator.metric("accord_sagas", phase="Failed") == 0  # finished: not driven
     log = bed.operator.log.read_text()
     assert "saga " + bed.namespace + "/once: Failed: compensation of step reserve failed" in log
 

@@ -53,8 +53,8 @@ def test_all_vote_commit_and_every_participant_commits(bed: TpcBed) -> None:
     assert a["balances"] == {"alice": 5_000} and b["balances"] == {"bob": 5_000}
     # Votes back within a second: no Preparing write, the decision is the first one.
     assert bed.events("t1") == ["DecidedCommit", "Committed"]
-    assert op.metric("accord_transactions_total", outcome="Committed") == 1
-    assert op.metric("accord_transaction_decisions_total", decision="Commit") == 1
+    op.wait_metric("accord_transactions_total", 1, outcome="Committed")
+    op.wait_metric("accord_transaction_decisions_total", 1, decision="Commit")
     # Finished: our finalizer goes (in the write after the final status: a status write
     # cannot change metadata), and deleting it takes no time.
     bed.cluster.wait_for(

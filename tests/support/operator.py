@@ -46,6 +46,16 @@ class OperatorProcess:
                 return float(value)
         return 0.0
 
+    def wait_metric(self, name: str, expected: float, timeout: float = 15, **labels: str) -> None:
+        """Wait for one sample to read `expected`. The operator counts what it did once
+        the API server has stored it, so a test that saw the stored status may read the
+        metrics a moment before the count; it must come, and be exactly that."""
+        deadline = time.monotonic() + timeout
+        while (value := self.metric(name, **labels)) != expected:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name}{labels} is {value}, not {expected}")
+            time.sleep(0.1)
+
 
 def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
